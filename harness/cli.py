@@ -1,0 +1,158 @@
+"""The ``harness`` command: list, validate, run, status, show, leaderboard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import HarnessError
+
+KIND_OF = {"attacks": "attack", "defenses": "defense", "evaluators": "evaluator", "datasets": "dataset"}
+
+
+def _workdir(args, spec=None) -> Path:
+    if args.workdir:
+        return Path(args.workdir)
+    return Path("runs") / (spec.name if spec is not None else "default")
+
+
+def cmd_list(args) -> int:
+    from tabulate import tabulate
+
+    from .registry import plugin_table
+
+    kinds = [KIND_OF[args.kind]] if args.kind else list(KIND_OF.values())
+    for kind in kinds:
+        table = plugin_table(kind)
+        rows = []
+        for name in sorted(table):
+            cls, package = table[name]
+            extra = ""
+            if kind == "defense":
+                needs = ",".join(sorted(cls.needs)) or "-"
+                extra = f"needs: {needs}; models: {','.join(sorted(cls.families))}"
+            rows.append([name, cls.version, cls.summary, package] + ([extra] if kind == "defense" else []))
+        headers = ["name", "version", "summary", "package"] + (["requires"] if kind == "defense" else [])
+        print(f"{kind}s ({len(rows)})")
+        print(tabulate(rows, headers=headers, tablefmt="simple"))
+        print()
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .matrix import expand, load_matrix
+
+    spec = load_matrix(args.spec)
+    jobs = expand(spec)
+    kinds = {k: sum(j.kind == k for j in jobs) for k in ("train", "purify", "evaluate")}
+    print(f"{args.spec}: valid; {len(jobs)} jobs ({', '.join(f'{v} {k}' for k, v in kinds.items())})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .matrix import load_matrix
+    from .runner import run_matrix
+
+    spec = load_matrix(args.spec)
+    counts = run_matrix(spec, _workdir(args, spec), device=args.device, progress=not args.no_progress)
+    if counts["failed"] or counts["blocked"]:
+        print(f"some cells did not finish (see `harness status --workdir {_workdir(args, spec)}`)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _store(args):
+    from .store import Store
+
+    wd = _workdir(args)
+    if not (wd / "results.sqlite").exists():
+        raise HarnessError(f"{wd} holds no results; run `harness run SPEC --workdir {wd}` first")
+    return Store(wd)
+
+
+def cmd_status(args) -> int:
+    from collections import Counter
+
+    from tabulate import tabulate
+
+    store = _store(args)
+    recs = list(store.records())
+    counts = Counter((r.kind, r.status) for r in recs)
+    rows = [[k, s, n] for (k, s), n in sorted(counts.items())]
+    print(tabulate(rows, headers=["kind", "status", "jobs"], tablefmt="simple"))
+    bad = [r for r in recs if r.status in ("failed", "blocked", "skipped", "running")]
+    for r in bad:
+        reason = (r.error or "").strip().splitlines()[-1:] or [""]
+        print(f"{r.status:8} {r.key[:12]} {r.label}: {reason[0]}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    store = _store(args)
+    found = store.find(args.key)
+    if not found:
+        raise HarnessError(f"no job with a key starting {args.key!r} in {store.workdir}; see `harness status`")
+    if len(found) > 1:
+        raise HarnessError(f"{args.key!r} matches {len(found)} jobs; give more characters of the key")
+    print(json.dumps(found[0].model_dump(), indent=2))
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from .leaderboard.render import render
+
+    store = _store(args)
+    text = render(store.records(), args.format)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="Benchmark backdoor attacks and purification defenses.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("list", help="installed attacks, defenses, evaluators, data sets")
+    s.add_argument("kind", nargs="?", choices=sorted(KIND_OF))
+    s.set_defaults(func=cmd_list)
+    s = sub.add_parser("validate", help="check a matrix file and count its jobs")
+    s.add_argument("spec")
+    s.set_defaults(func=cmd_validate)
+    s = sub.add_parser("run", help="run (or resume) a matrix")
+    s.add_argument("spec")
+    s.add_argument("--workdir", help="results and artifacts (default runs/<matrix name>)")
+    s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    s.add_argument("--no-progress", action="store_true", help="no progress meter")
+    s.set_defaults(func=cmd_run)
+    for name, func, helptext in (("status", cmd_status, "what is done, failed, skipped"),
+                                 ("show", cmd_show, "one job's record"),
+                                 ("leaderboard", cmd_leaderboard, "render the results")):
+        s = sub.add_parser(name, help=helptext)
+        if name == "show":
+            s.add_argument("key", help="a job key or its prefix")
+        if name == "leaderboard":
+            s.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+            s.add_argument("--out", help="write to this file instead of stdout")
+        s.add_argument("--workdir", default=None, help="default runs/default")
+        s.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The three plugin contracts (Attack, Defense, Evaluator) and their contexts.
+
+Images are uint8 tensors ``[N, 3, H, W]`` in pixel space everywhere; triggers
+work on them directly. Models take float images in ``[0, 1]`` (normalization
+is a layer inside the model, see :mod:`backdoor_harness.models`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .data import ImageSet
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's ``Config``: unknown keys are errors, values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin:
+    """What every plugin class declares.
+
+    Attributes:
+        name: the registry name (snake_case), unique across installed plugins.
+        version: bump it whenever results change; it is part of every job key.
+        summary: one line for ``harness list``.
+        paper: the paper (and where available the code) it implements.
+        Config: a :class:`PluginConfig` subclass; validated in ``create_*``.
+    """
+
+    kind: ClassVar[str] = "plugin"
+    name: ClassVar[str]
+    version: ClassVar[str]
+    summary: ClassVar[str]
+    paper: ClassVar[str]
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+
+    def __init__(self, config: PluginConfig | None = None, **kwargs: Any):
+        self.config = config if config is not None else self.Config(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+# --------------------------------------------------------------------------
+# Attacks
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class PoisonedSet:
+    """A training set as the attacker hands it over.
+
+    Attributes:
+        images: uint8 ``[N, 3, H, W]``. With ``stamp="before_augment"`` the
+            trigger is already in the pixels of the poisoned samples.
+        labels: int64 ``[N]``, already flipped to the target for poisoned samples.
+        poison_mask: bool ``[N]``, which samples the attack poisoned.
+        stamp: when the trigger is applied. ``"after_augment"`` means the
+            trainer stamps ``stamp_fn`` onto the masked samples of every
+            augmented batch.
+        stamp_fn: the trigger, for ``after_augment``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    poison_mask: torch.Tensor
+    stamp: Literal["before_augment", "after_augment"] = "before_augment"
+    stamp_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def poison_indices(self) -> torch.Tensor:
+        return self.poison_mask.nonzero().flatten()
+
+
+class AttackConfig(PluginConfig):
+    """Settings shared by every attack.
+
+    Attributes:
+        target: the target class (all-to-one).
+        poison_rate: fraction of the *whole* training set that is poisoned
+            (BackdoorBench's convention).
+        stamp: ``before_augment`` stamps the trigger into the stored pixels,
+            so random crop/flip move it (the data-poisoning threat model and
+            BackdoorBench's convention; the default, and what paper-scale
+            configs use). ``after_augment`` stamps it after augmentation, which
+            short CPU runs need to learn the backdoor in a few epochs.
+    """
+
+    target: int = 0
+    poison_rate: float = 0.1
+    stamp: Literal["before_augment", "after_augment"] = "before_augment"
+
+
+class Attack(Plugin):
+    """A backdoor attack.
+
+    Data-poisoning attacks (``training_controlled = False``) only implement
+    :meth:`apply_trigger` (and, if they need it, :meth:`target_labels`,
+    :meth:`select_poison`). Training-controlled attacks set
+    ``training_controlled = True`` and implement :meth:`training_loss`, which
+    the shared trainer calls in place of plain cross-entropy.
+    """
+
+    kind = "attack"
+    Config = AttackConfig
+    training_controlled: ClassVar[bool] = False
+
+    # -- the trigger ---------------------------------------------------------
+
+    def apply_trigger(self, images: torch.Tensor, *, train: bool = False) -> torch.Tensor:
+        """Stamp the trigger on a batch of uint8 images (any device); returns uint8."""
+        raise NotImplementedError
+
+    def target_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The label a triggered image should be classified as (all-to-one)."""
+        return torch.full_like(labels, self.config.target)
+
+    def test_mask(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Which test images count for ASR/robust accuracy: those whose true
+        class differs from their target (BackdoorBench's convention)."""
+        return self.target_labels(labels, num_classes) != labels
+
+    # -- poisoning the training set -----------------------------------------
+
+    def select_poison(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Indices to poison: ``round(rate * N)`` drawn uniformly from all samples."""
+        n = len(labels)
+        count = round(self.config.poison_rate * n)
+        return torch.randperm(n, generator=generator)[:count]
+
+    def poison(self, train: ImageSet, generator: torch.Generator) -> PoisonedSet:
+        """Return the poisoned training set (the input is never modified)."""
+        idx = self.select_poison(train.labels, generator)
+        mask = torch.zeros(len(train), dtype=torch.bool)
+        mask[idx] = True
+        labels = train.labels.clone()
+        labels[idx] = self.target_labels(train.labels[idx], train.num_classes)
+        images = train.images
+        stamp_fn = None
+        if self.config.stamp == "before_augment":
+            images = images.clone()
+            images[idx] = self.apply_trigger(images[idx], train=True)
+        else:
+            stamp_fn = lambda x: self.apply_trigger(x, train=True)  # noqa: E731
+        return PoisonedSet(images, labels, mask, self.config.stamp, stamp_fn)
+
+    def poison_test(self, test: ImageSet) -> ImageSet:
+        """The poisoned test set: eligible images stamped, labelled with their target.
+
+        ``meta["true_labels"]`` keeps the original labels (for robust accuracy).
+        """
+        keep = self.test_mask(test.labels, test.num_classes)
+        images = self.apply_trigger(test.images[keep], train=False)
+        true = test.labels[keep]
+        return ImageSet(images, self.target_labels(true, test.num_classes), test.classes,
+                        meta={"true_labels": true})
+
+    # -- training-controlled attacks ------------------------------------------
+
+    def training_loss(self, model: torch.nn.Module, images: torch.Tensor,
+                      labels: torch.Tensor, step: "StepInfo") -> torch.Tensor:
+        """Loss of one training step (float images in [0, 1], augmented).
+
+        Only for ``training_controlled`` attacks; the trainer calls it instead
+        of cross-entropy and backpropagates the result.
+        """
+        raise NotImplementedError
+
+
+@dataclass
+class StepInfo:
+    """Where the trainer is, for training-controlled attacks."""
+
+    epoch: int
+    step: int
+    num_classes: int
+    generator: torch.Generator
+
+
+# --------------------------------------------------------------------------
+# Defenses
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class DefenseContext:
+    """What a defender has.
+
+    Attributes:
+        reserve: the defender's clean data (default 5% of the training set).
+        num_classes: number of classes.
+        device: where to compute.
+        generator: seeded CPU generator; the only source of randomness.
+        seed: the cell's seed.
+        family: the model family (``resnet``, ``vgg``, ...), see ``models.model_family``.
+        fit: the shared trainer, ``fit(model, train_set, recipe, ...)``.
+        attack: the attack, only for defenses that declare ``oracle_trigger``.
+    """
+
+    reserve: ImageSet
+    num_classes: int
+    device: torch.device
+    generator: torch.Generator
+    seed: int
+    family: str
+    fit: Callable[..., Any]
+    attack: Attack | None = None
+
+
+class Defense(Plugin):
+    """A purification defense: ``purify(model, ctx) -> purified model``.
+
+    ``purify`` must not modify the model it is given (copy it first), and must
+    be deterministic for a seed on CPU.
+
+    Attributes:
+        needs: what beyond clean reserve data it requires; ``"oracle_trigger"``
+            gives it ``ctx.attack``.
+        families: model families it supports, or ``{"*"}`` for any.
+    """
+
+    kind = "defense"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    families: ClassVar[frozenset[str]] = frozenset({"*"})
+
+    def supports(self, family: str) -> bool:
+        return "*" in self.families or family in self.families
+
+    def purify(self, model: torch.nn.Module, ctx: DefenseContext) -> torch.nn.Module:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------
+# Evaluators
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric an evaluator produces."""
+
+    higher_is_better: bool
+    doc: str = ""
+
+
+@dataclass
+class EvalContext:
+    """What an evaluator sees.
+
+    Attributes:
+        backdoored: the attacked model (eval mode, on ``device``).
+        purified: the defended model.
+        clean_test: the clean test set.
+        poisoned_test: the attack's poisoned test set (``meta["true_labels"]``).
+        attack: the attack.
+        device: where to compute.
+        predict: ``predict(role, split) -> int64 predictions``, memoized per
+            model and split so that several evaluators share one forward pass.
+            ``role`` is ``"backdoored"``, ``"purified"`` or ``"clean"``;
+            ``split`` is ``"clean"`` or ``"poisoned"``.
+        clean_model: the clean reference model, when the evaluator asked for it.
+        extra: free room for evaluators of later issues (retuning sets ...).
+    """
+
+    backdoored: torch.nn.Module
+    purified: torch.nn.Module
+    clean_test: ImageSet
+    poisoned_test: ImageSet
+    attack: Attack
+    device: torch.device
+    predict: Callable[[str, str], torch.Tensor]
+    clean_model: torch.nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator(Plugin):
+    """Computes named metrics of one purified model.
+
+    Attributes:
+        metrics: name -> :class:`Metric` for every key ``evaluate`` returns.
+        needs_clean_model: ask the scheduler for the clean reference model
+            (one training job per data set, model and seed, shared by all).
+    """
+
+    kind = "evaluator"
+    metrics: ClassVar[dict[str, Metric]] = {}
+    needs_clean_model: ClassVar[bool] = False
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        raise NotImplementedError

@@ -1,0 +1,299 @@
+"""Data sets as uint8 tensors: sources, decode cache, subsets, the defender's reserve.
+
+A data set *source* (a plugin, see ``harness_datasets``) turns files into two
+:class:`ImageSet` (train, test). The core decodes each source once, caches the
+uint8 tensors as a safetensors file, and derives subsets and the defender's
+reserve from them with seeded generators.
+
+Where data is looked for (first hit wins): ``$HARNESS_DATA``; else
+``../shared/datasets`` next to the working directory or next to this checkout
+(where development and CI keep it); else a torchvision download into the cache
+(``$HARNESS_CACHE``, default ``~/.cache/backdoor-harness``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import HarnessError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageSet:
+    """Images and labels of one split.
+
+    Attributes:
+        images: uint8 ``[N, 3, H, W]``.
+        labels: int64 ``[N]``.
+        classes: class names, index = label.
+        meta: extra per-sample tensors (e.g. ``true_labels`` of a poisoned test set).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        meta = {k: v[index] for k, v in self.meta.items() if isinstance(v, torch.Tensor)}
+        return ImageSet(self.images[index], self.labels[index], self.classes, meta)
+
+
+# --------------------------------------------------------------------------
+# Where things live
+# --------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "backdoor-harness"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_roots() -> list[Path]:
+    """Candidate data roots, in the order they are searched."""
+    if os.environ.get("HARNESS_DATA"):
+        return [Path(os.environ["HARNESS_DATA"]).expanduser()]
+    repo = Path(__file__).resolve().parent.parent
+    roots = [Path.cwd().parent / "shared" / "datasets", repo.parent / "shared" / "datasets"]
+    unique = list(dict.fromkeys(p.resolve() for p in roots))
+    return [p for p in unique if p.is_dir()]
+
+
+# --------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------
+
+
+def _decode(data: bytes | Path, size: int | None) -> np.ndarray:
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def decode_all(items: list[bytes | Path], size: int | None) -> torch.Tensor:
+    """Decode images in parallel threads (Pillow releases the GIL) into uint8 NCHW."""
+    if not items:
+        raise HarnessError("no images found to decode")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(lambda d: _decode(d, size), items, chunksize=256))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise HarnessError(f"images have different sizes {sorted(shapes)[:3]}...; set `size` to resize them")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _split_from_files(files: dict[str, list], size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    classes = sorted(files)
+    items, labels = [], []
+    for label, cls in enumerate(classes):
+        members = sorted(files[cls], key=lambda m: m[0])
+        items += [data for _, data in members]
+        labels += [label] * len(members)
+    return decode_all(items, size), torch.tensor(labels, dtype=torch.int64), classes
+
+
+def read_imagefolder(root: Path, size: int | None) -> tuple[ImageSet, ImageSet]:
+    """Read a ``train/<class>/*`` + ``test/<class>/*`` tree (files may sit in subfolders)."""
+    splits = []
+    for split in ("train", "test"):
+        d = root / split
+        if not d.is_dir():
+            raise HarnessError(f"{root} has no {split}/ folder; an image-folder data set needs train/<class>/ and test/<class>/")
+        files = {c.name: [(str(p.relative_to(c)), p) for p in c.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+                 for c in d.iterdir() if c.is_dir()}
+        splits.append(_split_from_files(files, size))
+    (xtr, ytr, ctr), (xte, yte, cte) = splits
+    if ctr != cte:
+        raise HarnessError(f"{root}: train/ and test/ have different class folders")
+    return ImageSet(xtr, ytr, ctr), ImageSet(xte, yte, cte)
+
+
+def read_imagefolder_archive(path: Path, size: int | None) -> tuple[ImageSet, ImageSet]:
+    """Read an image-folder tree straight out of a .tar(.gz) archive (``<top>/train/<class>/*``)."""
+    files: dict[str, dict[str, list]] = {"train": {}, "test": {}}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            split_at = next((i for i, p in enumerate(parts) if p in files), None)
+            if split_at is None or len(parts) < split_at + 3:
+                continue
+            split, cls = parts[split_at], parts[split_at + 1]
+            files[split].setdefault(cls, []).append(("/".join(parts[split_at + 2:]), tar.extractfile(member).read()))
+    (xtr, ytr, ctr), (xte, yte, cte) = (_split_from_files(files[s], size) for s in ("train", "test"))
+    return ImageSet(xtr, ytr, ctr), ImageSet(xte, yte, cte)
+
+
+def from_torchvision(dataset_cls, root: Path, size: int | None, **kwargs) -> tuple[ImageSet, ImageSet]:
+    """Decode a torchvision data set class (its own integrity checks apply)."""
+    out = []
+    for train in (True, False):
+        extra = {"train": train} if "split" not in kwargs else {"split": "train" if train else "test"}
+        ds = dataset_cls(str(root), **{**kwargs, **extra})
+        xs, ys = [], []
+        for img, label in ds:
+            img = img.convert("RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            xs.append(np.asarray(img, dtype=np.uint8))
+            ys.append(int(label))
+        classes = list(getattr(ds, "classes", [str(i) for i in range(max(ys) + 1)]))
+        out.append(ImageSet(torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(),
+                            torch.tensor(ys, dtype=torch.int64), classes))
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------
+# Sources (plugins) and the spec of a data set in a matrix
+# --------------------------------------------------------------------------
+
+
+class SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSource:
+    """A data-set source plugin: ``load(config) -> (train, test)``.
+
+    ``locate`` explains where it looked, for the error message when nothing is found.
+    """
+
+    kind: ClassVar[str] = "dataset"
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type[SourceConfig]] = SourceConfig
+
+    def __init__(self, config: SourceConfig | None = None, **kwargs: Any):
+        self.config = config if config is not None else self.Config(**kwargs)
+
+    def load(self) -> tuple[ImageSet, ImageSet]:
+        raise NotImplementedError
+
+
+class DataSpec(BaseModel):
+    """One data set of a matrix.
+
+    Attributes:
+        name: a registered data-set source (``harness list datasets``).
+        options: the source's own config (e.g. ``root`` and ``size`` for ``imagefolder``).
+        train_per_class: keep only this many training images per class (seeded, fixed).
+        test_per_class: the same for the test set.
+        reserve_ratio: the defender's clean reserve as a fraction of the training set.
+        reserve_per_class: or as a number of samples per class (overrides the ratio).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    train_per_class: int | None = Field(default=None, gt=0)
+    test_per_class: int | None = Field(default=None, gt=0)
+    reserve_ratio: float = Field(default=0.05, gt=0, lt=1)
+    reserve_per_class: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+def per_class_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of ``n`` random samples of every class (all of a class if it has fewer)."""
+    chosen = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=generator)[:n]])
+    return torch.cat(chosen).sort().values
+
+
+def reserve_indices(labels: torch.Tensor, spec: DataSpec, seed: int) -> torch.Tensor:
+    """The defender's clean reserve: a uniform random ``reserve_ratio`` share of the
+    training set (as BackdoorBench), or ``reserve_per_class`` samples of each class."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    if spec.reserve_per_class is not None:
+        return per_class_subset(labels, spec.reserve_per_class, g)
+    n = max(1, round(spec.reserve_ratio * len(labels)))
+    return torch.randperm(len(labels), generator=g)[:n].sort().values
+
+
+def _cache_key(source: DatasetSource) -> str:
+    blob = json.dumps([source.name, source.version, source.config.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_source(source: DatasetSource) -> tuple[ImageSet, ImageSet]:
+    """Decode a source once; later calls read the cached uint8 tensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / "datasets" / f"{source.name}-{_cache_key(source)}.safetensors"
+    if path.exists():
+        try:
+            t = load_file(str(path))
+            classes = json.loads(t.pop("classes_json").numpy().tobytes().decode())
+            return (ImageSet(t["train_images"], t["train_labels"], classes),
+                    ImageSet(t["test_images"], t["test_labels"], classes))
+        except Exception:  # a truncated cache is recomputed, never used
+            path.unlink(missing_ok=True)
+    train, test = source.load()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    classes = torch.frombuffer(bytearray(json.dumps(train.classes).encode()), dtype=torch.uint8)
+    save_file({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
+               "test_labels": test.labels, "classes_json": classes}, str(tmp))
+    os.replace(tmp, path)
+    return train, test
+
+
+def load_dataset(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
+    """The train and test sets of a matrix data-set entry (subsets applied)."""
+    from .registry import create_dataset
+
+    train, test = load_source(create_dataset(spec.name, **spec.options))
+    g = torch.Generator().manual_seed(0)  # subsets are part of the data set, not of a seed
+    if spec.train_per_class is not None:
+        train = train.subset(per_class_subset(train.labels, spec.train_per_class, g))
+    if spec.test_per_class is not None:
+        test = test.subset(per_class_subset(test.labels, spec.test_per_class, g))
+    return train, test

@@ -1,0 +1,233 @@
+"""The matrix file (YAML, validated by pydantic) and its expansion into a job DAG.
+
+    train[dataset, model, attack, seed]     -> attacked model
+    train[dataset, model, clean, seed]      -> clean reference (only if an evaluator asks)
+    purify[attacked, defense]               -> purified model
+    evaluate[purified, evaluator]           -> metrics
+
+A job's key hashes its kind, its config, the keys of its upstream jobs and the
+versions of the plugins (and of the core's training semantics) it runs, so a
+changed value anywhere re-runs exactly the jobs downstream of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import DataSpec
+from .errors import HarnessError
+from .models import ModelSpec
+from .registry import create, format_validation_error, get_class
+from .train import Recipe, resolve_recipe
+
+#: Bump when the core changes what a job computes (trainer, data pipeline):
+#: it is part of every key, so old results are not reused.
+CORE_VERSION = "1"
+
+
+class PluginRef(BaseModel):
+    """A plugin in a matrix: ``name`` or ``{name, config, label}``.
+
+    ``label`` names the entry in results and leaderboards (default: ``name``),
+    so one plugin can appear with several configs.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class MatrixSpec(BaseModel):
+    """A benchmark matrix: every data set x model x attack x defense x evaluator x seed.
+
+    Attributes:
+        name: the matrix's name (default work directory ``runs/<name>``).
+        datasets: data sets (see :class:`DataSpec`).
+        models: timm model names or :class:`ModelSpec` mappings.
+        attacks: attacks, each ``name`` or ``{name, config, label}``.
+        defenses: defenses, same form; ``none`` is the undefended row.
+        evaluators: evaluators, same form.
+        seeds: one cell per seed.
+        recipe: training recipe of attacked and clean models: a name
+            (``backdoorbench``, ``cpu-quick``) or a mapping (``base`` + overrides).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "matrix"
+    datasets: list[DataSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(min_length=1)
+    attacks: list[PluginRef] = Field(min_length=1)
+    defenses: list[PluginRef] = Field(min_length=1)
+    evaluators: list[PluginRef] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    recipe: Recipe = Field(default_factory=Recipe)
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _recipe(cls, value: Any) -> Any:
+        try:
+            return resolve_recipe(value)
+        except HarnessError as err:
+            raise ValueError(str(err)) from None
+
+
+def load_matrix(path: str | Path) -> MatrixSpec:
+    """Read and validate a matrix file; every problem raises one HarnessError
+    naming the file, the key and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise HarnessError(f"{path}: no such matrix file")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise HarnessError(f"{where}: invalid YAML: {problem} (check indentation and quoting there)") from None
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{path}: a matrix file is a mapping with keys datasets, models, attacks, "
+                           f"defenses, evaluators (got {type(raw).__name__})")
+    try:
+        spec = MatrixSpec.model_validate(raw)
+    except ValidationError as err:
+        raise HarnessError(format_validation_error(err, str(path))) from None
+    validate_plugins(spec, str(path))
+    return spec
+
+
+def validate_plugins(spec: MatrixSpec, where: str = "matrix") -> None:
+    """Every plugin exists and its config validates (at load time, not mid-run)."""
+    from .models import create_model  # noqa: F401 - registers the harness models into timm
+    import timm
+
+    for kind, refs in (("attack", spec.attacks), ("defense", spec.defenses), ("evaluator", spec.evaluators)):
+        labels = [r.display for r in refs]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise HarnessError(f"{where}: {kind}s: {sorted(dup)} appear twice; give each entry its own `label`")
+        for i, ref in enumerate(refs):
+            try:
+                create(kind, ref.name, **ref.config)
+            except HarnessError as err:
+                raise HarnessError(f"{where}: {kind}s[{i}]: {err}") from None
+    for i, ds in enumerate(spec.datasets):
+        try:
+            create("dataset", ds.name, **ds.options)
+        except HarnessError as err:
+            raise HarnessError(f"{where}: datasets[{i}]: {err}") from None
+    for i, m in enumerate(spec.models):
+        if not timm.is_model(m.name):
+            import difflib
+
+            close = difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise HarnessError(f"{where}: models[{i}]: unknown model {m.name!r}.{hint} "
+                               f"Any name of timm.list_models() works.")
+
+
+# --------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One node of the DAG.
+
+    Attributes:
+        key: content hash (see module docstring).
+        kind: ``train``, ``purify`` or ``evaluate``.
+        label: human-readable ``kind dataset/model/attack/defense/evaluator/seed``.
+        deps: upstream job keys, in a fixed order per kind (train, purify, clean).
+        attrs: names of the cell, for results and leaderboards.
+        payload: everything the job needs to run (JSON-able).
+        versions: plugin versions it depends on.
+    """
+
+    key: str
+    kind: str
+    label: str
+    deps: list[str]
+    attrs: dict[str, Any]
+    payload: dict[str, Any]
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def job_key(kind: str, payload: dict, deps: list[str], versions: dict[str, str]) -> str:
+    blob = json.dumps({"kind": kind, "payload": payload, "deps": deps, "versions": versions,
+                       "core": CORE_VERSION}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _make(kind: str, label: str, deps: list[str], attrs: dict, payload: dict, versions: dict) -> Job:
+    return Job(job_key(kind, payload, deps, versions), kind, label, deps, attrs, payload, versions)
+
+
+def _version(kind: str, ref: PluginRef) -> str:
+    return str(get_class(kind, ref.name).version)
+
+
+def expand(spec: MatrixSpec) -> list[Job]:
+    """The jobs of a matrix in dependency order (every job after its upstreams)."""
+    jobs: list[Job] = []
+    recipe = spec.recipe.model_dump()
+    needs_clean = any(get_class("evaluator", e.name).needs_clean_model for e in spec.evaluators)
+    for ds in spec.datasets:
+        data = ds.model_dump(mode="json")
+        ds_version = str(get_class("dataset", ds.name).version)
+        for model in spec.models:
+            mspec = model.model_dump(mode="json")
+            for seed in spec.seeds:
+                base = {"dataset": ds.label, "model": model.label, "seed": seed}
+                clean = None
+                if needs_clean:
+                    clean = _make("train", f"train {ds.label}/{model.label}/clean/s{seed}", [],
+                                  {**base, "attack": None, "role": "clean"},
+                                  {"data": data, "model": mspec, "recipe": recipe, "attack": None, "seed": seed},
+                                  {"dataset": ds_version})
+                    jobs.append(clean)
+                for atk in spec.attacks:
+                    a_attrs = {**base, "attack": atk.display}
+                    a_ref = atk.model_dump(mode="json", exclude={"label"})
+                    train = _make("train", f"train {ds.label}/{model.label}/{atk.display}/s{seed}", [],
+                                  {**a_attrs, "role": "attacked"},
+                                  {"data": data, "model": mspec, "recipe": recipe, "attack": a_ref, "seed": seed},
+                                  {"dataset": ds_version, "attack": _version("attack", atk)})
+                    jobs.append(train)
+                    for dfn in spec.defenses:
+                        d_attrs = {**a_attrs, "defense": dfn.display}
+                        purify = _make("purify", f"purify {ds.label}/{model.label}/{atk.display}/{dfn.display}/s{seed}",
+                                       [train.key], d_attrs,
+                                       {"defense": dfn.model_dump(mode="json", exclude={"label"}), "seed": seed},
+                                       {"defense": _version("defense", dfn)})
+                        jobs.append(purify)
+                        for ev in spec.evaluators:
+                            ev_cls = get_class("evaluator", ev.name)
+                            deps = [train.key, purify.key] + ([clean.key] if ev_cls.needs_clean_model else [])
+                            jobs.append(_make(
+                                "evaluate",
+                                f"evaluate {ds.label}/{model.label}/{atk.display}/{dfn.display}/{ev.display}/s{seed}",
+                                deps, {**d_attrs, "evaluator": ev.display},
+                                {"evaluator": ev.model_dump(mode="json", exclude={"label"}), "seed": seed},
+                                {"evaluator": str(ev_cls.version)}))
+    return jobs

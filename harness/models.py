@@ -1,0 +1,315 @@
+"""Models: everything through ``timm.create_model``, adapted to small inputs.
+
+The harness registers two models into timm's own registry (one namespace):
+``preact_resnet18`` (the papers' CIFAR model) and ``tiny_cnn`` (fast CPU tests).
+Every model is wrapped by :class:`Normalized`, so models take float images in
+``[0, 1]`` and normalization travels inside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from timm.models import register_model
+
+from .errors import HarnessError
+
+# --------------------------------------------------------------------------
+# Models registered into timm
+# --------------------------------------------------------------------------
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet for 32x32 inputs (He et al., ECCV 2016), as used by
+    BackdoorBench and the papers; timm-style ``forward_features`` / ``fc``."""
+
+    family = "preact_resnet"
+
+    def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3, **_: Any):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+        stages, in_planes = [], 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for j in range(n):
+                blocks.append(PreActBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn = nn.BatchNorm2d(512)
+        self.num_features = 512
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.relu(self.bn(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class TinyCNN(nn.Module):
+    """A small, fast VGG-style CNN for CPU tests and the quickstart (~0.3M params)."""
+
+    family = "tiny_cnn"
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 32, **_: Any):
+        super().__init__()
+        w = width
+        chans = [(in_chans, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 8 * w, 2)]
+        layers = []
+        for cin, cout, stride in chans:
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.num_classes = num_classes
+        self.num_features = 8 * w
+        self.fc = nn.Linear(8 * w, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _strip_timm_kwargs(kwargs: dict) -> dict:
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(k, None)
+    return kwargs
+
+
+@register_model
+def preact_resnet18(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
+    """PreAct-ResNet-18 for 32x32 inputs (BackdoorBench's default model)."""
+    if pretrained:
+        raise HarnessError("preact_resnet18 has no pretrained weights; set pretrained: false")
+    return PreActResNet((2, 2, 2, 2), **_strip_timm_kwargs(kwargs))
+
+
+@register_model
+def tiny_cnn(pretrained: bool = False, **kwargs: Any) -> TinyCNN:
+    """A four-conv CNN for fast CPU runs."""
+    if pretrained:
+        raise HarnessError("tiny_cnn has no pretrained weights; set pretrained: false")
+    return TinyCNN(**_strip_timm_kwargs(kwargs))
+
+
+# --------------------------------------------------------------------------
+# The wrapper and small-input adaptation
+# --------------------------------------------------------------------------
+
+
+class Normalized(nn.Module):
+    """``net((x - mean) / std)``: normalization as the model's first layer.
+
+    ``net`` is the timm model; defenses find its parts through timm's API
+    (``forward_features``, ``get_classifier``) and module types, never by the
+    attribute names of one architecture.
+    """
+
+    def __init__(self, net: nn.Module, mean, std, family: str):
+        super().__init__()
+        self.net = net
+        self.family = family
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def _small_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None)
+
+
+def adapt_small_input(net: nn.Module, family: str) -> bool:
+    """Remove the ImageNet stem's 4x downsampling so 32x32 inputs keep their resolution.
+
+    Returns whether the family was recognised. ResNet-style (``conv1`` +
+    ``maxpool``) and DenseNet stems get a 3x3 stride-1 conv and no pool, as the
+    CIFAR variants of these networks do; EfficientNet/MobileNet stems get
+    stride 1; VGG has no strided stem.
+    """
+    if family in ("resnet", "resnest", "regnet") and hasattr(net, "conv1") and hasattr(net, "maxpool"):
+        if isinstance(net.conv1, nn.Conv2d):
+            net.conv1 = _small_conv(net.conv1)
+        else:  # deep stem: first conv loses its stride
+            first = next(m for m in net.conv1.modules() if isinstance(m, nn.Conv2d))
+            first.stride = (1, 1)
+        net.maxpool = nn.Identity()
+        return True
+    if family == "densenet" and hasattr(net, "features") and hasattr(net.features, "conv0"):
+        net.features.conv0 = _small_conv(net.features.conv0)
+        if hasattr(net.features, "pool0"):
+            net.features.pool0 = nn.Identity()
+        return True
+    if hasattr(net, "conv_stem") and isinstance(net.conv_stem, nn.Conv2d):  # efficientnet, mobilenet*
+        net.conv_stem.stride = (1, 1)
+        return True
+    if family in ("vgg", "preact_resnet", "tiny_cnn"):
+        return True
+    return False
+
+
+class ModelSpec(BaseModel):
+    """One model of a matrix.
+
+    Attributes:
+        name: any timm model name (``timm.list_models()``), including the
+            harness's ``preact_resnet18`` and ``tiny_cnn``.
+        pretrained: load timm's pretrained weights (downloaded when online).
+        pretrained_file: or load them from this local file.
+        kwargs: extra keyword arguments for ``timm.create_model``.
+        adapt_stem: remove ImageNet stem downsampling for inputs below 100 px.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    adapt_stem: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+DEFAULT_MEAN, DEFAULT_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def create_model(spec: ModelSpec | str, num_classes: int, image_size: int,
+                 mean=DEFAULT_MEAN, std=DEFAULT_STD) -> Normalized:
+    """Build a (wrapped) model through ``timm.create_model``.
+
+    ``mean``/``std`` are the normalization constants (the training set's
+    statistics); pretrained models use their own (from timm's pretrained cfg).
+    """
+    spec = ModelSpec.model_validate(spec)
+    if not timm.is_model(spec.name):
+        import difflib
+
+        close = difflib.get_close_matches(spec.name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise HarnessError(f"unknown model {spec.name!r}.{hint} Any name of timm.list_models() works.")
+    kwargs = dict(spec.kwargs)
+    pretrained = spec.pretrained or spec.pretrained_file is not None
+    if spec.pretrained_file is not None:
+        if not Path(spec.pretrained_file).exists():
+            raise HarnessError(f"pretrained_file {spec.pretrained_file} of model {spec.name!r} does not exist")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(spec.pretrained_file).resolve())}
+    try:
+        net = timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except HarnessError:
+        raise
+    except Exception as exc:
+        if pretrained:
+            raise HarnessError(
+                f"could not load pretrained weights for {spec.name!r} ({type(exc).__name__}: {exc}). "
+                f"Without network access, download them elsewhere and set pretrained_file: PATH "
+                f"(a .safetensors or .bin file of timm's weights), or set pretrained: false.") from None
+        raise HarnessError(f"timm could not create {spec.name!r} with {kwargs}: {exc}") from None
+    family = getattr(net, "family", None) or type(net).__module__.rsplit(".", 1)[-1]
+    if pretrained:
+        cfg = getattr(net, "pretrained_cfg", {}) or {}
+        mean, std = cfg.get("mean", mean), cfg.get("std", std)
+    if spec.adapt_stem and image_size < 100 and not adapt_small_input(net, family):
+        import warnings
+
+        warnings.warn(f"no small-input stem adaptation known for {spec.name!r} ({family}); using it as is")
+    return Normalized(net, mean, std, family)
+
+
+def model_family(model: nn.Module) -> str:
+    return getattr(model, "family", None) or type(model).__module__.rsplit(".", 1)[-1]
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
+    x = images[: 10_000].float().div_(255)
+    return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+
+
+# --------------------------------------------------------------------------
+# Checkpoints: safetensors only
+# --------------------------------------------------------------------------
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """Write the state dict atomically (temp file + rename): never half-written."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise HarnessError(f"checkpoint {path} is unreadable ({exc}); delete it and rerun to recompute") from None
+    model.load_state_dict(state)
+    return model

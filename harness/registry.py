@@ -1,0 +1,166 @@
+"""Plugin discovery (pluggy) and the one way in per kind: ``create_*`` / ``list_*``.
+
+Plugins are found through the ``backdoor_harness`` entry-point group, lazily,
+the first time something asks (never at import time). Set
+``HARNESS_DISABLE_PLUGIN_AUTOLOAD=1`` to load nothing automatically (tests
+register their own), and ``HARNESS_TRACE_PLUGINS=1`` to trace hook calls.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import sys
+from typing import Any
+
+import pluggy
+from pydantic import ValidationError
+
+from . import hookspecs
+from .errors import HarnessError
+
+KINDS = {"attack": "harness_attacks", "defense": "harness_defenses",
+         "evaluator": "harness_evaluators", "dataset": "harness_datasets"}
+
+_pm: pluggy.PluginManager | None = None
+_tables: dict[str, dict[str, tuple[type, str]]] | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, built (and entry points loaded) on first use."""
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        if not os.environ.get("HARNESS_DISABLE_PLUGIN_AUTOLOAD"):
+            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        pm.check_pending()
+        if os.environ.get("HARNESS_TRACE_PLUGINS"):
+            pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
+            pm.enable_tracing()
+        _pm = pm
+    return _pm
+
+
+def reset() -> None:
+    """Forget the plugin manager and tables (tests, or after installing a plugin)."""
+    global _pm, _tables
+    _pm, _tables = None, None
+
+
+def register(plugin: object, name: str | None = None) -> None:
+    """Register an in-process plugin (a module or object with hook implementations)."""
+    global _tables
+    get_plugin_manager().register(plugin, name=name)
+    _tables = None
+
+
+def _package_of(pm: pluggy.PluginManager, plugin: object) -> str:
+    for p, dist in pm.list_plugin_distinfo():
+        if p is plugin:
+            return f"{dist.project_name} {dist.version}"
+    return getattr(plugin, "__name__", None) or pm.get_name(plugin) or repr(plugin)
+
+
+def _build_tables() -> dict[str, dict[str, tuple[type, str]]]:
+    global _tables
+    if _tables is None:
+        pm = get_plugin_manager()
+        tables: dict[str, dict[str, tuple[type, str]]] = {}
+        for kind, hook in KINDS.items():
+            table: dict[str, tuple[type, str]] = {}
+            for impl in getattr(pm.hook, hook).get_hookimpls():
+                package = _package_of(pm, impl.plugin)
+                for cls in impl.function() or []:
+                    if cls.name in table and table[cls.name][0] is not cls:
+                        raise HarnessError(
+                            f"two {kind} plugins are named {cls.name!r}: {table[cls.name][0].__module__} "
+                            f"(from {table[cls.name][1]}) and {cls.__module__} (from {package}); "
+                            f"uninstall one of the packages or rename its {kind}")
+                    table[cls.name] = (cls, package)
+            tables[kind] = table
+        _tables = tables
+    return _tables
+
+
+def plugin_table(kind: str) -> dict[str, tuple[type, str]]:
+    """``name -> (class, package)`` for one kind."""
+    return _build_tables()[kind]
+
+
+def get_class(kind: str, name: str) -> type:
+    table = plugin_table(kind)
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise HarnessError(f"unknown {kind} {name!r}.{hint} Installed: {', '.join(sorted(table)) or 'none'} "
+                           f"(see `harness list {kind}s`).")
+    return table[name][0]
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """One line per problem: the key path, what was wrong, and the fix pydantic suggests."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key {loc!r} (remove it or check its spelling)")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: missing required key {loc!r}")
+        else:
+            lines.append(f"{where}: {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def create(kind: str, name: str, **config: Any) -> Any:
+    """Instantiate a plugin with a validated config; bad configs raise HarnessError."""
+    cls = get_class(kind, name)
+    try:
+        cfg = cls.Config(**config)
+    except ValidationError as err:
+        fields = ", ".join(cls.Config.model_fields) or "none"
+        raise HarnessError(format_validation_error(err, f"{kind} {name!r}") +
+                           f"\n  valid keys of {kind} {name!r}: {fields}") from None
+    return cls(cfg)
+
+
+def names(kind: str, pattern: str = "*") -> list[str]:
+    return sorted(n for n in plugin_table(kind) if fnmatch.fnmatch(n, pattern))
+
+
+def create_attack(name: str, **config: Any):
+    """Create an attack by registry name, e.g. ``create_attack("badnets", poison_rate=0.05)``."""
+    return create("attack", name, **config)
+
+
+def create_defense(name: str, **config: Any):
+    """Create a defense by registry name."""
+    return create("defense", name, **config)
+
+
+def create_evaluator(name: str, **config: Any):
+    """Create an evaluator by registry name."""
+    return create("evaluator", name, **config)
+
+
+def create_dataset(name: str, **config: Any):
+    """Create a data-set source by registry name."""
+    return create("dataset", name, **config)
+
+
+def list_attacks(pattern: str = "*") -> list[str]:
+    """Registered attack names matching an fnmatch pattern (``"*blend*"``)."""
+    return names("attack", pattern)
+
+
+def list_defenses(pattern: str = "*") -> list[str]:
+    return names("defense", pattern)
+
+
+def list_evaluators(pattern: str = "*") -> list[str]:
+    return names("evaluator", pattern)
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    return names("dataset", pattern)

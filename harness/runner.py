@@ -1,0 +1,240 @@
+"""Running the job DAG: the local executor and what each kind of job does.
+
+Jobs run in dependency order in this process. A finished job (its record is
+``done``) is never recomputed; a job that raises is recorded ``failed`` with
+its traceback and the jobs downstream of it are recorded ``blocked``, while the
+rest of the matrix goes on. Both are retried by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .contracts import DefenseContext, EvalContext
+from .data import DataSpec, ImageSet, load_dataset, reserve_indices
+from .errors import HarnessError
+from .matrix import Job, MatrixSpec, expand
+from .models import Normalized, channel_stats, create_model, load_checkpoint, model_family, save_checkpoint
+from .registry import create
+from .store import JobRecord, Store, WorkdirLock, now, sha256_file
+from .train import Recipe, default_device, fit, predict
+
+
+class Skip(Exception):
+    """Raised by a job that cannot run in this cell (recorded as ``skipped`` with the reason)."""
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _param_fingerprint(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum() for p in model.state_dict().values() if p.is_floating_point()))
+
+
+@dataclass
+class Runner:
+    """Runs jobs of one matrix in this process, caching data and models it reuses."""
+
+    store: Store
+    device: torch.device = field(default_factory=default_device)
+    progress: bool = True
+    _jobs: dict[str, Job] = field(default_factory=dict)
+    _data: dict[str, tuple[ImageSet, ImageSet]] = field(default_factory=dict)
+    _models: dict[str, Normalized] = field(default_factory=dict)
+    _preds: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+
+    # -- shared state ----------------------------------------------------------
+
+    def data(self, spec: dict) -> tuple[ImageSet, ImageSet]:
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._data:
+            self._data[key] = load_dataset(DataSpec.model_validate(spec))
+        return self._data[key]
+
+    def new_model(self, train_job: Job) -> Normalized:
+        train, _ = self.data(train_job.payload["data"])
+        mean, std = channel_stats(train.images)
+        return create_model(train_job.payload["model"], train.num_classes, train.image_size, mean, std)
+
+    def model(self, key: str) -> Normalized:
+        """The model an upstream train/purify job produced (loaded once, never mutated)."""
+        if key not in self._models:
+            job = self._jobs[key]
+            train_job = job if job.kind == "train" else self._jobs[job.deps[0]]
+            rec = self.store.get(key)
+            path = self.store.workdir / rec.artifact
+            if rec.artifact_sha256 and sha256_file(path) != rec.artifact_sha256:
+                raise HarnessError(f"checkpoint {path} does not match its recorded sha256; delete it and rerun")
+            model = load_checkpoint(self.new_model(train_job), path).to(self.device).eval()
+            if len(self._models) >= 8:
+                self._models.pop(next(iter(self._models)))
+            self._models[key] = model
+        return self._models[key]
+
+    def attack(self, train_job: Job):
+        ref = train_job.payload["attack"]
+        return None if ref is None else create("attack", ref["name"], **ref["config"])
+
+    # -- the three kinds of job ---------------------------------------------------
+
+    def run_train(self, job: Job) -> tuple[dict, torch.nn.Module]:
+        train, _ = self.data(job.payload["data"])
+        g = seed_everything(job.payload["seed"])
+        model = self.new_model(job)
+        recipe = Recipe(**job.payload["recipe"])
+        attack = self.attack(job)
+        metrics: dict[str, Any] = {}
+        if attack is None:
+            stats = fit(model, train, recipe, device=self.device, generator=g, desc=job.label, progress=self.progress)
+        elif attack.training_controlled:
+            stats = fit(model, train, recipe, device=self.device, generator=g, loss_fn=attack.training_loss,
+                        desc=job.label, progress=self.progress)
+        else:
+            poisoned = attack.poison(train, g)
+            n = int(poisoned.poison_mask.sum())
+            metrics.update(poison_count=n, poison_rate=n / len(train), stamp=poisoned.stamp)
+            stats = fit(model, poisoned, recipe, device=self.device, generator=g, desc=job.label,
+                        progress=self.progress)
+        metrics.update(stats)
+        return metrics, model
+
+    def run_purify(self, job: Job) -> tuple[dict, torch.nn.Module]:
+        train_job = self._jobs[job.deps[0]]
+        ref = job.payload["defense"]
+        defense = create("defense", ref["name"], **ref["config"])
+        backdoored = self.model(train_job.key)
+        family = model_family(backdoored)
+        if not defense.supports(family):
+            raise Skip(f"defense {defense.name!r} supports {sorted(defense.families)}, not {family!r}")
+        train, _ = self.data(train_job.payload["data"])
+        seed = job.payload["seed"]
+        g = seed_everything(seed)
+        attack = self.attack(train_job)
+        if "oracle_trigger" in defense.needs and attack is None:
+            raise Skip(f"defense {defense.name!r} needs the attack's trigger and this model has none")
+        reserve = train.subset(reserve_indices(train.labels, DataSpec.model_validate(train_job.payload["data"]), seed))
+        ctx = DefenseContext(reserve=reserve, num_classes=train.num_classes, device=self.device, generator=g,
+                             seed=seed, family=family,
+                             fit=lambda *a, **k: fit(*a, **{"progress": self.progress, "desc": job.label, **k}),
+                             attack=attack if "oracle_trigger" in defense.needs else None)
+        before = _param_fingerprint(backdoored)
+        purified = defense.purify(backdoored, ctx)
+        if _param_fingerprint(backdoored) != before:
+            raise HarnessError(f"defense {defense.name!r} modified the model it was given; "
+                               f"it must copy it (copy.deepcopy) before changing weights")
+        return {"reserve_size": len(reserve)}, purified
+
+    def run_evaluate(self, job: Job) -> tuple[dict, None]:
+        train_job = self._jobs[job.deps[0]]
+        ref = job.payload["evaluator"]
+        evaluator = create("evaluator", ref["name"], **ref["config"])
+        attack = self.attack(train_job)
+        if attack is None:
+            raise Skip("evaluators need an attacked model")
+        _, test = self.data(train_job.payload["data"])
+        poisoned_test = attack.poison_test(test)
+        roles = {"backdoored": job.deps[0], "purified": job.deps[1]}
+        if evaluator.needs_clean_model:
+            roles["clean"] = job.deps[2]
+        splits = {"clean": test, "poisoned": poisoned_test}
+
+        def predict_fn(role: str, split: str) -> torch.Tensor:
+            memo = (roles[role], split, train_job.key)
+            if memo not in self._preds:
+                if len(self._preds) > 64:
+                    self._preds.clear()
+                self._preds[memo] = predict(self.model(roles[role]), splits[split].images, self.device)
+            return self._preds[memo]
+
+        ctx = EvalContext(backdoored=self.model(roles["backdoored"]), purified=self.model(roles["purified"]),
+                          clean_test=test, poisoned_test=poisoned_test, attack=attack, device=self.device,
+                          predict=predict_fn, clean_model=self.model(roles["clean"]) if "clean" in roles else None)
+        metrics = evaluator.evaluate(ctx)
+        unknown = set(metrics) - set(evaluator.metrics)
+        if unknown:
+            raise HarnessError(f"evaluator {evaluator.name!r} returned undeclared metrics {sorted(unknown)}; "
+                               f"declare them in its `metrics`")
+        return {k: float(v) for k, v in metrics.items()}, None
+
+    # -- one job ----------------------------------------------------------------
+
+    def run_job(self, job: Job) -> JobRecord:
+        rec = JobRecord(key=job.key, kind=job.kind, label=job.label, status="running", attrs=job.attrs,
+                        config=job.payload, versions=job.versions, deps=job.deps, started=now(),
+                        device=device_name(self.device), harness_version=__version__)
+        self.store.put(rec)
+        t0 = time.perf_counter()
+        try:
+            metrics, model = getattr(self, f"run_{job.kind}")(job)
+            if model is not None:
+                path = self.store.artifact_path(job.key)
+                save_checkpoint(model, path)
+                rec.artifact = str(path.relative_to(self.store.workdir))
+                rec.artifact_sha256 = sha256_file(path)
+            rec.metrics, rec.status = metrics, "done"
+        except Skip as why:
+            rec.status, rec.error = "skipped", str(why)
+        except Exception:  # a failing cell must not stop the matrix
+            rec.status, rec.error = "failed", traceback.format_exc()
+        rec.finished, rec.wall_s = now(), time.perf_counter() - t0
+        self.store.put(rec)
+        return rec
+
+
+def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = None, progress: bool = True,
+               log=print) -> dict[str, int]:
+    """Run (or resume) a matrix in ``workdir``. Returns counts per outcome."""
+    jobs = expand(spec)
+    counts = {"cached": 0, "done": 0, "failed": 0, "skipped": 0, "blocked": 0}
+    workdir = Path(workdir)
+    with WorkdirLock(workdir):
+        store = Store(workdir)
+        runner = Runner(store, torch.device(device) if device else default_device(), progress)
+        runner._jobs = {j.key: j for j in jobs}
+        log(f"matrix {spec.name!r}: {len(jobs)} jobs, workdir {workdir}, device {device_name(runner.device)}")
+        for i, job in enumerate(jobs, 1):
+            tag = f"[{i:>{len(str(len(jobs)))}}/{len(jobs)}]"
+            if store.is_final(job.key):
+                counts["cached"] += 1
+                continue
+            bad = [d for d in job.deps if not store.is_final(d) or store.get(d).status != "done"]
+            if bad:
+                up = store.get(bad[0])
+                why = f"upstream {runner._jobs[bad[0]].label} is {up.status if up else 'missing'}"
+                store.put(JobRecord(key=job.key, kind=job.kind, label=job.label, attrs=job.attrs,
+                                    config=job.payload, versions=job.versions, deps=job.deps,
+                                    status="skipped" if up and up.status == "skipped" else "blocked",
+                                    error=why, started=now(), finished=now(), harness_version=__version__))
+                counts["skipped" if up and up.status == "skipped" else "blocked"] += 1
+                log(f"{tag} {job.label}: not run ({why})")
+                continue
+            rec = runner.run_job(job)
+            counts[rec.status] += 1
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in rec.metrics.items()
+                                if isinstance(v, float) and k not in ("images_per_s", "wall_s", "final_loss"))
+            note = {"done": summary, "skipped": rec.error,
+                    "failed": (rec.error or "").strip().splitlines()[-1] if rec.error else ""}[rec.status]
+            log(f"{tag} {job.label}: {rec.status} in {rec.wall_s:.1f}s" + (f" ({note})" if note else ""))
+            sys.stdout.flush()
+        store.close()
+    log(" ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts

@@ -1,0 +1,209 @@
+"""The one trainer, shared by attacks, defenses and evaluators.
+
+Data stays uint8 on the device; each batch is augmented there (random crop
+with 4-pixel zero padding, horizontal flip), stamped with the trigger when the
+attack stamps after augmentation, then scaled to [0, 1]. bf16 autocast and
+channels_last on CUDA. All randomness comes from one seeded CPU generator, so
+CPU runs are deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .contracts import PoisonedSet, StepInfo
+from .data import ImageSet
+from .errors import HarnessError
+
+
+class Recipe(BaseModel):
+    """How to train (SGD + cosine, BackdoorBench's recipe by default).
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: images per step.
+        lr: initial learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        schedule: ``cosine`` (annealed to 0 over the epochs, stepped per epoch,
+            as BackdoorBench) or ``constant``.
+        augment: random crop (4-pixel padding) + horizontal flip.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=128, gt=0)
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    augment: bool = True
+
+
+#: Named recipes. ``backdoorbench`` is the paper-scale CIFAR-10 recipe;
+#: ``cpu-quick`` trains the tiny CNN in seconds (quickstart and tests).
+RECIPES: dict[str, Recipe] = {
+    "backdoorbench": Recipe(),
+    "cpu-quick": Recipe(epochs=6, batch_size=128, lr=0.05),
+}
+
+
+def resolve_recipe(value: Any) -> Recipe:
+    """A recipe from a name (``RECIPES``), or a dict with an optional ``base`` name."""
+    if isinstance(value, Recipe):
+        return value
+    if isinstance(value, str):
+        if value not in RECIPES:
+            raise HarnessError(f"unknown recipe {value!r}; named recipes: {', '.join(RECIPES)}")
+        return RECIPES[value]
+    if isinstance(value, dict):
+        value = dict(value)
+        base = resolve_recipe(value.pop("base", "backdoorbench"))
+        return Recipe(**{**base.model_dump(), **value})
+    raise HarnessError(f"a recipe is a name ({', '.join(RECIPES)}) or a mapping, got {value!r}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop of a zero-padded batch plus random horizontal flip, in one gather.
+
+    Args:
+        x: uint8 ``[B, C, H, W]`` on any device.
+        generator: CPU generator (the offsets are drawn on the CPU, then moved).
+    """
+    b, _, h, w = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(h)
+    cols = dx[:, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    dev = x.device
+    padded = F.pad(x, (pad, pad, pad, pad))
+    out = padded[torch.arange(b, device=dev)[:, None, None], :, rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = x.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class _Progress:
+    """A one-line progress meter with images/s on stderr (only on a terminal)."""
+
+    def __init__(self, desc: str, total: int, enabled: bool):
+        self.desc, self.total, self.done, self.t0 = desc, total, 0, time.perf_counter()
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+
+    def update(self, n: int, loss: float | None = None) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self._last > 0.5 or self.done >= self.total):
+            self._last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            extra = f" loss {loss:.3f}" if loss is not None else ""
+            sys.stderr.write(f"\r  {self.desc}: {100 * self.done / self.total:5.1f}% {rate:8.0f} img/s{extra}   ")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepInfo], torch.Tensor]
+
+
+def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, device: torch.device,
+        generator: torch.Generator, loss_fn: LossFn | None = None, desc: str = "train",
+        progress: bool = True) -> dict[str, float]:
+    """Train ``model`` in place on ``data`` with ``recipe``.
+
+    Args:
+        model: a model taking [0, 1] float images.
+        data: clean images (``ImageSet``) or an attacker's ``PoisonedSet``;
+            with ``stamp="after_augment"`` the trigger is stamped onto the
+            poisoned samples of every augmented batch.
+        recipe: optimizer, schedule and augmentation.
+        device: where to train; data is moved there once.
+        generator: seeded CPU generator: shuffling and augmentation.
+        loss_fn: replaces cross-entropy (training-controlled attacks).
+        desc: label of the progress meter.
+
+    Returns:
+        ``{"images_per_s", "wall_s", "final_loss"}``.
+    """
+    if len(data.labels) == 0:
+        raise HarnessError(f"{desc}: the training set is empty")
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    images, labels = data.images.to(device), data.labels.to(device)
+    stamp_fn = getattr(data, "stamp_fn", None) if getattr(data, "stamp", None) == "after_augment" else None
+    mask = data.poison_mask.to(device) if stamp_fn is not None else None
+    n, bs = len(labels), recipe.batch_size
+    steps = math.ceil(n / bs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                          **({"fused": True} if cuda else {}))
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
+             if recipe.schedule == "cosine" else None)
+    bar = _Progress(desc, recipe.epochs * n, progress)
+    t0 = time.perf_counter()
+    loss = torch.zeros((), device=device)
+    num_classes = int(getattr(model, "num_classes", 0) or labels.max().item() + 1)
+    for epoch in range(recipe.epochs):
+        perm = torch.randperm(n, generator=generator).to(device)
+        for i in range(steps):
+            idx = perm[i * bs:(i + 1) * bs]
+            xb, yb = images[idx], labels[idx]
+            if recipe.augment:
+                xb = random_crop_flip(xb, generator)
+            if stamp_fn is not None:
+                mb = mask[idx]
+                if bool(mb.any()):
+                    xb = xb.clone()
+                    xb[mb] = stamp_fn(xb[mb])
+            xf = to_float(xb, cuda)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                if loss_fn is None:
+                    loss = F.cross_entropy(model(xf), yb)
+                else:
+                    loss = loss_fn(model, xf, yb, StepInfo(epoch, epoch * steps + i, num_classes, generator))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(len(idx), None)
+        if sched is not None:
+            sched.step()
+    wall = time.perf_counter() - t0
+    final = float(loss.detach())
+    if not math.isfinite(final):
+        raise HarnessError(f"{desc}: training diverged (loss {final}); lower the recipe's lr")
+    return {"images_per_s": recipe.epochs * n / wall, "wall_s": wall, "final_loss": final}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Predicted classes (int64, CPU) of uint8 images, in eval mode."""
+    cuda = device.type == "cuda"
+    model.to(device).eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        xb = to_float(images[i:i + batch_size].to(device), cuda)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out.append(model(xb).argmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)

@@ -1,0 +1,91 @@
+"""The leaderboard: a pure function of job records.
+
+Per (data set, model): one row per defense (in the order the records first
+name them, i.e. the matrix's order), and per attack the columns C-Acc, ASR,
+RA and DER (in percent), averaged over seeds. A cell that failed, was blocked
+or skipped shows that status, never a number.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from statistics import mean
+from typing import Any, Iterable
+
+from tabulate import tabulate
+
+#: metric key -> column title, in display order
+COLUMNS = {"clean_acc": "C-Acc", "asr": "ASR", "robust_acc": "RA", "der": "DER"}
+
+
+def _get(rec: Any, name: str) -> Any:
+    return rec.get(name) if isinstance(rec, dict) else getattr(rec, name)
+
+
+def collect(records: Iterable[Any]) -> list[dict[str, Any]]:
+    """Fold evaluate records into cells: one per (dataset, model, attack, defense),
+    metrics averaged over seeds; a cell with any unfinished record carries its status."""
+    cells: dict[tuple, dict[str, Any]] = {}
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        if _get(rec, "kind") != "evaluate":
+            continue
+        a = _get(rec, "attrs")
+        key = (a["dataset"], a["model"], a["attack"], a["defense"])
+        cell = cells.setdefault(key, {"dataset": key[0], "model": key[1], "attack": key[2], "defense": key[3],
+                                      "metrics": {}, "seeds": set(), "status": {}})
+        status = _get(rec, "status")
+        if status == "done":
+            cell["seeds"].add(a["seed"])
+            for m, v in (_get(rec, "metrics") or {}).items():
+                values[key][m].append(float(v))
+        else:
+            cell["status"][a.get("evaluator", "?")] = {"status": status, "reason": (_get(rec, "error") or "").strip()
+                                                        .splitlines()[-1:] or [""]}
+    out = []
+    for key, cell in cells.items():
+        cell["metrics"] = {m: mean(v) for m, v in values[key].items()}
+        cell["seeds"] = sorted(cell["seeds"])
+        out.append(cell)
+    return out
+
+
+def _fmt(cell: dict | None, metric: str, evaluator_of: dict[str, str]) -> str:
+    if cell is None:
+        return "—"
+    if metric in cell["metrics"]:
+        return f"{100 * cell['metrics'][metric]:.2f}"
+    st = cell["status"].get(evaluator_of.get(metric, metric))
+    return st["status"] if st else "—"
+
+
+def tables(records: Iterable[Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """``(title, headers, rows)`` per (data set, model)."""
+    cells = collect(records)
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["dataset"], c["model"]), []).append(c)
+    out = []
+    for (dataset, model), group in groups.items():
+        attacks = list(dict.fromkeys(c["attack"] for c in group))
+        defenses = list(dict.fromkeys(c["defense"] for c in group))
+        index = {(c["defense"], c["attack"]): c for c in group}
+        seeds = sorted({s for c in group for s in c["seeds"]})
+        headers = ["defense"] + [f"{atk} {title}" for atk in attacks for title in COLUMNS.values()]
+        rows = [[d] + [_fmt(index.get((d, atk)), m, {}) for atk in attacks for m in COLUMNS] for d in defenses]
+        out.append((f"{dataset} / {model} (seeds {', '.join(map(str, seeds)) or '-'}; metrics in %)", headers, rows))
+    return out
+
+
+def render(records: Iterable[Any], fmt: str = "text") -> str:
+    """Render records as ``text``, ``markdown`` or ``json``."""
+    records = list(records)
+    if fmt == "json":
+        return json.dumps(collect(records), indent=2, sort_keys=True)
+    tablefmt = {"text": "simple", "markdown": "github"}[fmt]
+    parts = []
+    for title, headers, rows in tables(records):
+        heading = f"### {title}" if fmt == "markdown" else title
+        parts.append(heading + "\n\n" + tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True))
+    return "\n\n".join(parts) if parts else "(no evaluation results yet)"

@@ -1,0 +1,26 @@
+"""The undefended row: the attacked model, unchanged.
+
+Not a defense from a paper; it gives every leaderboard its baseline (the
+attack's own clean accuracy and ASR) and DER's reference point (DER = 0.5).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from backdoor_harness import Defense, hookimpl
+
+
+class NoDefense(Defense):
+    name = "none"
+    version = "1"
+    summary = "no defense: the attacked model as is (the baseline row)"
+    paper = "-"
+
+    def purify(self, model, ctx):
+        return copy.deepcopy(model)
+
+
+@hookimpl
+def harness_defenses():
+    return [NoDefense]

@@ -1,0 +1,25 @@
+"""Attack success rate (ASR, paper 000's O-ASR) of the purified model.
+
+Definition: :func:`backdoor_harness.metrics.attack_success_rate`, over the
+triggered test images whose true class is not the target (BackdoorBench's
+``test_asr``; 9,000 images on CIFAR-10 all-to-one).
+"""
+
+from backdoor_harness import Evaluator, Metric, hookimpl
+from backdoor_harness.metrics import attack_success_rate
+
+
+class AttackSuccessRate(Evaluator):
+    name = "asr"
+    version = "1"
+    summary = "ASR: triggered non-target test images classified as the target"
+    paper = "BackdoorBench (Wu et al., NeurIPS 2022 D&B), test_asr"
+    metrics = {"asr": Metric(higher_is_better=False, doc="share of triggered non-target images -> target")}
+
+    def evaluate(self, ctx):
+        return {"asr": attack_success_rate(ctx.predict("purified", "poisoned"), ctx.poisoned_test.labels)}
+
+
+@hookimpl
+def harness_evaluators():
+    return [AttackSuccessRate]

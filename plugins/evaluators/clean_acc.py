@@ -1,0 +1,23 @@
+"""Clean accuracy (C-Acc) of the purified model on the clean test set.
+
+Definition: :func:`backdoor_harness.metrics.accuracy` (BackdoorBench's ``test_acc``).
+"""
+
+from backdoor_harness import Evaluator, Metric, hookimpl
+from backdoor_harness.metrics import accuracy
+
+
+class CleanAccuracy(Evaluator):
+    name = "clean_acc"
+    version = "1"
+    summary = "C-Acc: accuracy on the clean test set"
+    paper = "BackdoorBench (Wu et al., NeurIPS 2022 D&B), test_acc"
+    metrics = {"clean_acc": Metric(higher_is_better=True, doc="accuracy on clean test images")}
+
+    def evaluate(self, ctx):
+        return {"clean_acc": accuracy(ctx.predict("purified", "clean"), ctx.clean_test.labels)}
+
+
+@hookimpl
+def harness_evaluators():
+    return [CleanAccuracy]
