@@ -142,7 +142,7 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         desc: label of the progress meter.
 
     Returns:
-        ``{"images_per_s", "wall_s", "final_loss"}``.
+        ``{"images_per_s", "wall_s", "final_loss"}``; the model is left in eval mode.
     """
     if len(data.labels) == 0:
         raise HarnessError(f"{desc}: the training set is empty")
@@ -189,6 +189,7 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
             bar.update(len(idx), None)
         if sched is not None:
             sched.step()
+    model.eval()  # a trained model is handed on for inference; BN statistics stay as trained
     wall = time.perf_counter() - t0
     final = float(loss.detach())
     if not math.isfinite(final):

@@ -1,0 +1,176 @@
+"""Contract tests parametrized over the registry, plus the training-controlled attack path."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import backdoor_harness as bh
+from backdoor_harness import registry
+from backdoor_harness.contracts import DefenseContext
+from backdoor_harness.data import ImageSet
+from backdoor_harness.models import create_model, model_family
+from backdoor_harness.train import fit
+
+CLASSES = [str(i) for i in range(10)]
+
+
+def synthetic(n: int = 200, seed: int = 0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                    torch.arange(n) % 10, CLASSES)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def quick_config(name: str) -> dict:
+    """Each defense at its smallest (epochs 1) where it has an epochs knob."""
+    cls = registry.get_class("defense", name)
+    return {"epochs": 1} if "epochs" in cls.Config.model_fields else {}
+
+
+@pytest.mark.parametrize("name", bh.list_defenses())
+def test_defense_contract(name):
+    torch.manual_seed(0)
+    model = create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
+    given = state(model)
+    attack = bh.create_attack("badnets", stamp="after_augment")
+    defense = bh.create_defense(name, **quick_config(name))
+
+    def run(seed):
+        ctx = DefenseContext(reserve=synthetic(), num_classes=10, device=torch.device("cpu"),
+                             generator=torch.Generator().manual_seed(seed), seed=seed, family=model_family(model),
+                             fit=lambda *a, **k: fit(*a, **{"progress": False, **k}),
+                             attack=attack if "oracle_trigger" in defense.needs else None)
+        torch.manual_seed(seed)
+        return defense.purify(model, ctx)
+
+    out = run(0)
+    x = torch.rand(4, 3, 32, 32)
+    assert out(x).shape == model(x).shape == (4, 10)
+    # never modifies the model it is given
+    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())
+    # deterministic for a seed on CPU
+    again = run(0)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())
+
+
+@pytest.mark.parametrize("name", bh.list_evaluators())
+def test_evaluator_declares_its_metrics(name):
+    ev = bh.create_evaluator(name)
+    assert ev.metrics, f"{name} declares no metrics"
+    for metric in ev.metrics.values():
+        assert isinstance(metric.higher_is_better, bool)
+
+
+class PatchInBatch(bh.Attack):
+    """A minimal training-controlled attack for the contract test: it poisons
+    the first quarter of every batch inside its own loss."""
+
+    name = "test_patch_in_batch"
+    version = "1"
+    summary = "test only"
+    paper = "-"
+    training_controlled = True
+
+    def apply_trigger(self, images, *, train=False):
+        out = images.clone()
+        out[..., -4:, -4:] = 255
+        return out
+
+    def training_loss(self, model, images, labels, step):
+        k = max(1, len(labels) // 4)
+        x = images.clone()
+        x[:k, :, -4:, -4:] = 1.0
+        y = labels.clone()
+        y[:k] = self.config.target
+        return F.cross_entropy(model(x), y)
+
+
+@pytest.fixture
+def test_attack_registered():
+    plugin = types.SimpleNamespace(harness_attacks=bh.hookimpl(lambda: [PatchInBatch]))
+    registry.register(plugin, name="test-training-controlled")
+    yield
+    registry.reset()
+
+
+@pytest.mark.integration
+def test_training_controlled_attack_runs_through_the_matrix(tmp_path, test_attack_registered):
+    from backdoor_harness.matrix import MatrixSpec
+    from backdoor_harness.runner import run_matrix
+    from backdoor_harness.store import Store
+
+    spec = MatrixSpec.model_validate({
+        "datasets": [{"name": "cifar10", "train_per_class": 100, "test_per_class": 30}],
+        "models": [{"name": "tiny_cnn", "kwargs": {"width": 8}}],
+        "attacks": ["test_patch_in_batch"], "defenses": ["none"], "evaluators": ["asr", "clean_acc"],
+        "recipe": {"base": "cpu-quick", "epochs": 4}})
+    counts = run_matrix(spec, tmp_path, progress=False, log=lambda *a: None)
+    assert counts["done"] == 4 and counts["failed"] == 0
+    store = Store(tmp_path)
+    train = next(store.records("train"))
+    assert "poison_count" not in train.metrics  # it poisoned nothing up front: its loss did
+    asr = next(r.metrics["asr"] for r in store.records("evaluate") if "asr" in r.metrics)
+    assert asr > 0.5  # the backdoor came from the training step
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "preact_resnet18", "resnet18", "vgg11_bn", "densenet121",
+                                  "efficientnet_b0", "mobilenetv3_small_100"])
+def test_models_keep_resolution_at_32px(name):
+    model = create_model(name, 10, 32).eval()
+    with torch.no_grad():
+        feats = model.net.forward_features(torch.rand(1, 3, 32, 32))
+        logits = model(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    # ImageNet stems would leave 1x1 maps (32 / 32); adapted stems keep >= 2x2
+    # (VGG's five pools by design end at 1x1 with no stem downsampling)
+    assert feats.shape[-1] >= (1 if model.family == "vgg" else 2)
+
+
+def test_pretrained_failure_is_one_clear_message(tmp_path):
+    with pytest.raises(bh.HarnessError, match="pretrained_file"):
+        create_model({"name": "resnet18", "pretrained_file": str(tmp_path / "missing.safetensors")}, 10, 32)
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_DATA", str(tmp_path))
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    from backdoor_harness.data import DataSpec, load_dataset
+
+    with pytest.raises(bh.HarnessError) as err:
+        load_dataset(DataSpec(name="cifar100", options={"download": False}))
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "HARNESS_DATA" in msg
+
+
+def test_reserve_ratio_and_per_class():
+    from backdoor_harness.data import DataSpec, reserve_indices
+
+    labels = torch.arange(1000) % 10
+    idx = reserve_indices(labels, DataSpec(name="cifar10"), seed=0)
+    assert len(idx) == 50 and len(idx.unique()) == 50
+    assert torch.equal(idx, reserve_indices(labels, DataSpec(name="cifar10"), seed=0))
+    per = reserve_indices(labels, DataSpec(name="cifar10", reserve_per_class=3), seed=0)
+    assert torch.bincount(labels[per]).tolist() == [3] * 10
+
+
+def test_random_crop_flip_is_a_shifted_copy():
+    from backdoor_harness.train import random_crop_flip
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = random_crop_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    # every output is a (possibly flipped) window of the zero-padded input
+    padded = F.pad(x, (4, 4, 4, 4))
+    for i in range(8):
+        found = any(torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32]) or
+                    torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32].flip(-1))
+                    for dy in range(9) for dx in range(9))
+        assert found

@@ -1,0 +1,92 @@
+"""Resume: SIGKILL a real `harness run` mid-matrix, rerun, compare with an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backdoor_harness.store import Store
+
+MATRIX = """
+name: resume
+datasets:
+  - {name: cifar10, train_per_class: 40, test_per_class: 20}
+models:
+  - {name: tiny_cnn, kwargs: {width: 8}}
+attacks:
+  - {name: badnets, config: {stamp: after_augment}}
+  - {name: blended, config: {stamp: after_augment}}
+defenses: [none, {name: ft, config: {epochs: 8}}, {name: ep, config: {epochs: 8}}]
+evaluators: [clean_acc, asr, der]
+seeds: [0]
+recipe: {base: cpu-quick, epochs: 6}
+"""
+
+
+def harness(*args: str) -> list[str]:
+    return [sys.executable, "-m", "backdoor_harness.cli", *args]
+
+
+def done_jobs(workdir: Path) -> dict[str, float]:
+    db = workdir / "results.sqlite"
+    if not db.exists():
+        return {}
+    try:
+        con = sqlite3.connect(db, timeout=1)
+        rows = con.execute("SELECT key, finished FROM jobs WHERE status = 'done'").fetchall()
+        con.close()
+    except sqlite3.OperationalError:
+        return {}
+    return {k: float(f) for k, f in rows}
+
+
+def metrics(workdir: Path) -> dict[str, dict]:
+    store = Store(workdir)
+    out = {r.key: r.metrics for r in store.records("evaluate")}
+    store.close()
+    return out
+
+
+@pytest.mark.integration
+def test_killed_run_resumes_without_recomputing(tmp_path: Path):
+    spec = tmp_path / "m.yaml"
+    spec.write_text(MATRIX)
+    total = int(subprocess.run(harness("validate", str(spec)), capture_output=True, text=True, check=True)
+                .stdout.split("valid; ")[1].split()[0])
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(harness("run", str(spec), "--workdir", str(killed), "--no-progress"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(done_jobs(killed)) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = done_jobs(killed)
+    assert 3 <= len(before) < total, f"kill landed outside the matrix ({len(before)}/{total} done)"
+
+    out = subprocess.run(harness("run", str(spec), "--workdir", str(killed), "--no-progress"),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    after = done_jobs(killed)
+    assert len(after) == total
+    # finished jobs were reused, not recomputed: their records are untouched
+    assert {k: after[k] for k in before} == before
+    assert f"cached {len(before)} done {total - len(before)}" in out.stdout
+
+    fresh = tmp_path / "fresh"
+    subprocess.run(harness("run", str(spec), "--workdir", str(fresh), "--no-progress"), check=True,
+                   capture_output=True)
+    assert metrics(killed) == metrics(fresh)
+
+    # a third run has nothing left to do
+    again = subprocess.run(harness("run", str(spec), "--workdir", str(killed), "--no-progress"),
+                           capture_output=True, text=True, check=True)
+    assert f"cached {total} done 0" in again.stdout
