@@ -255,6 +255,10 @@ def create_model(spec: ModelSpec | str, num_classes: int, image_size: int,
     if spec.pretrained_file is not None:
         if not Path(spec.pretrained_file).exists():
             raise HarnessError(f"pretrained_file {spec.pretrained_file} of model {spec.name!r} does not exist")
+        if not spec.pretrained_file.endswith(".safetensors"):
+            # pickled weights can run code when loaded; only safetensors are read
+            raise HarnessError(f"pretrained_file {spec.pretrained_file} must be a .safetensors file; convert it "
+                               f"once where you trust it (safetensors.torch.save_file(torch.load(...), ...))")
         kwargs["pretrained_cfg_overlay"] = {"file": str(Path(spec.pretrained_file).resolve())}
     try:
         net = timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
@@ -265,7 +269,7 @@ def create_model(spec: ModelSpec | str, num_classes: int, image_size: int,
             raise HarnessError(
                 f"could not load pretrained weights for {spec.name!r} ({type(exc).__name__}: {exc}). "
                 f"Without network access, download them elsewhere and set pretrained_file: PATH "
-                f"(a .safetensors or .bin file of timm's weights), or set pretrained: false.") from None
+                f"(timm's weights as a .safetensors file), or set pretrained: false.") from None
         raise HarnessError(f"timm could not create {spec.name!r} with {kwargs}: {exc}") from None
     family = getattr(net, "family", None) or type(net).__module__.rsplit(".", 1)[-1]
     if pretrained:

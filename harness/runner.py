@@ -61,6 +61,7 @@ class Runner:
     _data: dict[str, tuple[ImageSet, ImageSet]] = field(default_factory=dict)
     _models: dict[str, Normalized] = field(default_factory=dict)
     _preds: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+    _poisoned_tests: dict[str, ImageSet] = field(default_factory=dict)
 
     # -- shared state ----------------------------------------------------------
 
@@ -151,7 +152,9 @@ class Runner:
         if attack is None:
             raise Skip("evaluators need an attacked model")
         _, test = self.data(train_job.payload["data"])
-        poisoned_test = attack.poison_test(test)
+        if train_job.key not in self._poisoned_tests:
+            self._poisoned_tests = {train_job.key: attack.poison_test(test)}  # jobs come grouped by attack
+        poisoned_test = self._poisoned_tests[train_job.key]
         roles = {"backdoored": job.deps[0], "purified": job.deps[1]}
         if evaluator.needs_clean_model:
             roles["clean"] = job.deps[2]

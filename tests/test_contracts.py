@@ -174,3 +174,19 @@ def test_random_crop_flip_is_a_shifted_copy():
                     torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32].flip(-1))
                     for dy in range(9) for dx in range(9))
         assert found
+
+
+def test_pretrained_file_loads_weights_and_resets_the_head(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("resnet18", num_classes=1000)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    model = create_model({"name": "resnet18", "pretrained_file": str(path), "adapt_stem": False}, 10, 224)
+    assert torch.equal(model.net.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+    assert model.net.get_classifier().out_features == 10
+    with pytest.raises(bh.HarnessError, match="safetensors"):
+        bin_path = tmp_path / "r18.bin"
+        bin_path.write_bytes(b"not a pickle")
+        create_model({"name": "resnet18", "pretrained_file": str(bin_path)}, 10, 32)
