@@ -164,7 +164,7 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     bar = _Progress(desc, recipe.epochs * n, progress)
     t0 = time.perf_counter()
     loss = torch.zeros((), device=device)
-    num_classes = int(getattr(model, "num_classes", 0) or labels.max().item() + 1)
+    num_classes = int(getattr(model, "num_classes", None) or labels.max().item() + 1)
     for epoch in range(recipe.epochs):
         perm = torch.randperm(n, generator=generator).to(device)
         for i in range(steps):
