@@ -51,13 +51,15 @@ def collect(records: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(cell: dict | None, metric: str, evaluator_of: dict[str, str]) -> str:
+def _fmt(cell: dict | None, metric: str) -> str:
+    """A metric in percent; a cell whose evaluation did not finish shows that
+    status (failed / blocked / skipped); a cell never run shows a dash."""
     if cell is None:
         return "—"
     if metric in cell["metrics"]:
         return f"{100 * cell['metrics'][metric]:.2f}"
-    st = cell["status"].get(evaluator_of.get(metric, metric))
-    return st["status"] if st else "—"
+    statuses = sorted({s["status"] for s in cell["status"].values()})
+    return "/".join(statuses) if statuses else "—"
 
 
 def tables(records: Iterable[Any]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -73,7 +75,7 @@ def tables(records: Iterable[Any]) -> list[tuple[str, list[str], list[list[str]]
         index = {(c["defense"], c["attack"]): c for c in group}
         seeds = sorted({s for c in group for s in c["seeds"]})
         headers = ["defense"] + [f"{atk} {title}" for atk in attacks for title in COLUMNS.values()]
-        rows = [[d] + [_fmt(index.get((d, atk)), m, {}) for atk in attacks for m in COLUMNS] for d in defenses]
+        rows = [[d] + [_fmt(index.get((d, atk)), m) for atk in attacks for m in COLUMNS] for d in defenses]
         out.append((f"{dataset} / {model} (seeds {', '.join(map(str, seeds)) or '-'}; metrics in %)", headers, rows))
     return out
 
