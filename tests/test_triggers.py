@@ -1,0 +1,89 @@
+"""Triggers and poisoning: exact pixels, rates, seeds; contract checks over every attack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import backdoor_harness as bh
+from backdoor_harness.data import ImageSet
+
+
+def images(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 200, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def dataset(n=1000, seed=0):
+    return ImageSet(images(n, seed), torch.arange(n) % 10, [str(i) for i in range(10)])
+
+
+def test_badnets_changes_exactly_the_3x3x3_patch():
+    x = images()
+    keep = x.clone()
+    out = bh.create_attack("badnets").apply_trigger(x)
+    assert torch.equal(x, keep), "the input was modified"
+    assert out.dtype == torch.uint8
+    changed = (out != x).any(0)  # [3, 32, 32]
+    assert changed[:, 29:, 29:].all() and changed.sum() == 27
+    assert (out[..., 29:, 29:] == 255).all()
+
+
+def test_badnets_all2all_targets():
+    attack = bh.create_attack("badnets", mode="all2all")
+    assert attack.target_labels(torch.tensor([0, 3, 9]), 10).tolist() == [1, 4, 0]
+    assert attack.test_mask(torch.arange(10), 10).all()  # every image is poisoned at test time
+
+
+def test_blended_is_the_stated_convex_combination():
+    attack = bh.create_attack("blended", alpha=0.1, test_alpha=0.3)
+    x = images()
+    t = attack.pattern((3, 32, 32)).float()
+    for train, a in ((True, 0.1), (False, 0.3)):
+        expected = ((1 - a) * x.float() + a * t).round().clamp(0, 255).to(torch.uint8)
+        assert torch.equal(attack.apply_trigger(x, train=train), expected)
+    assert torch.equal(attack.pattern((3, 32, 32)), bh.create_attack("blended").pattern((3, 32, 32)))
+    assert not torch.equal(attack.pattern((3, 32, 32)),
+                           bh.create_attack("blended", pattern_seed=1).pattern((3, 32, 32)))
+
+
+def test_poisoning_rate_labels_and_seed():
+    data = dataset()
+    attack = bh.create_attack("badnets", poison_rate=0.07)
+    p = attack.poison(data, torch.Generator().manual_seed(0))
+    idx = p.poison_indices
+    assert len(idx) == 70
+    assert (p.labels[idx] == 0).all()
+    clean = ~p.poison_mask
+    assert torch.equal(p.labels[clean], data.labels[clean])
+    # before augmentation: triggers in the pixels of poisoned samples only
+    assert (p.images[idx][..., -3:, -3:] == 255).all()
+    assert torch.equal(p.images[clean], data.images[clean])
+    assert torch.equal(attack.poison(data, torch.Generator().manual_seed(0)).poison_mask, p.poison_mask)
+    assert not torch.equal(attack.poison(data, torch.Generator().manual_seed(1)).poison_mask, p.poison_mask)
+
+
+def test_after_augment_leaves_pixels_and_sets_stamp_fn():
+    data = dataset()
+    p = bh.create_attack("badnets", stamp="after_augment").poison(data, torch.Generator().manual_seed(0))
+    assert torch.equal(p.images, data.images) and p.stamp == "after_augment"
+    assert (p.stamp_fn(data.images[:2])[..., -3:, -3:] == 255).all()
+
+
+@pytest.mark.parametrize("name", bh.list_attacks())
+def test_attack_contract(name):
+    data = dataset(500)
+    attack = bh.create_attack(name)
+    out = attack.apply_trigger(data.images[:8], train=False)
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.uint8
+    assert torch.equal(out, attack.apply_trigger(data.images[:8], train=False))
+    if not attack.training_controlled:
+        p = attack.poison(data, torch.Generator().manual_seed(0))
+        assert int(p.poison_mask.sum()) == round(attack.config.poison_rate * len(data))
+        assert p.images.dtype == torch.uint8 and p.images.shape == data.images.shape
+    test = attack.poison_test(data)
+    true = test.meta["true_labels"]
+    assert (attack.target_labels(true, 10) != true).all()
+    assert len(test) == int(attack.test_mask(data.labels, 10).sum())
+    # the config round-trips
+    assert type(attack.config)(**attack.config.model_dump()) == attack.config
