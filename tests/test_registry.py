@@ -103,3 +103,17 @@ def test_entry_point_discovery(fresh_registry, monkeypatch):
 def test_autoload_can_be_disabled(fresh_registry, monkeypatch):
     monkeypatch.setenv("HARNESS_DISABLE_PLUGIN_AUTOLOAD", "1")
     assert bh.list_attacks() == []
+
+
+def test_every_hook_is_specified_documented_and_used():
+    """Meta-test (datasette style): each hookspec has a docstring, and the
+    built-ins implement every hook through the same entry-point group."""
+    from backdoor_harness import hookspecs
+
+    pm = registry.get_plugin_manager()
+    specs = [name for name in dir(hookspecs) if name.startswith("harness_")]
+    assert specs == sorted(registry.KINDS.values())
+    for name in specs:
+        assert (getattr(hookspecs, name).__doc__ or "").strip(), f"{name} has no docstring"
+        impls = getattr(pm.hook, name).get_hookimpls()
+        assert any(i.plugin.__name__.startswith("backdoor_harness.") for i in impls), f"no built-in implements {name}"
