@@ -134,21 +134,26 @@ class Attack(Plugin):
         count = round(self.config.poison_rate * n)
         return torch.randperm(n, generator=generator)[:count]
 
-    def poison(self, train: ImageSet, generator: torch.Generator) -> PoisonedSet:
-        """Return the poisoned training set (the input is never modified)."""
-        idx = self.select_poison(train.labels, generator)
-        mask = torch.zeros(len(train), dtype=torch.bool)
-        mask[idx] = True
-        labels = train.labels.clone()
-        labels[idx] = self.target_labels(train.labels[idx], train.num_classes)
-        images = train.images
+    def stamped(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> PoisonedSet:
+        """``images`` with the training trigger on the samples ``index``, stamped
+        when ``config.stamp`` says (now, or by the trainer after augmentation).
+        ``labels`` are kept as given (poisoning flips them first; EP does not)."""
+        mask = torch.zeros(len(labels), dtype=torch.bool)
+        mask[index] = True
         stamp_fn = None
         if self.config.stamp == "before_augment":
             images = images.clone()
-            images[idx] = self.apply_trigger(images[idx], train=True)
+            images[index] = self.apply_trigger(images[index], train=True)
         else:
             stamp_fn = lambda x: self.apply_trigger(x, train=True)  # noqa: E731
         return PoisonedSet(images, labels, mask, self.config.stamp, stamp_fn)
+
+    def poison(self, train: ImageSet, generator: torch.Generator) -> PoisonedSet:
+        """Return the poisoned training set (the input is never modified)."""
+        idx = self.select_poison(train.labels, generator)
+        labels = train.labels.clone()
+        labels[idx] = self.target_labels(train.labels[idx], train.num_classes)
+        return self.stamped(train.images, labels, idx)
 
     def poison_test(self, test: ImageSet) -> ImageSet:
         """The poisoned test set: eligible images stamped, labelled with their target.

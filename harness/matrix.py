@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data import DataSpec
 from .errors import HarnessError
-from .models import ModelSpec
+from .models import ModelSpec, check_model_name
 from .registry import create, format_validation_error, get_class
 from .train import Recipe, resolve_recipe
 
@@ -117,9 +117,6 @@ def load_matrix(path: str | Path) -> MatrixSpec:
 
 def validate_plugins(spec: MatrixSpec, where: str = "matrix") -> None:
     """Every plugin exists and its config validates (at load time, not mid-run)."""
-    from .models import create_model  # noqa: F401 - registers the harness models into timm
-    import timm
-
     for kind, refs in (("attack", spec.attacks), ("defense", spec.defenses), ("evaluator", spec.evaluators)):
         labels = [r.display for r in refs]
         dup = {x for x in labels if labels.count(x) > 1}
@@ -136,13 +133,10 @@ def validate_plugins(spec: MatrixSpec, where: str = "matrix") -> None:
         except HarnessError as err:
             raise HarnessError(f"{where}: datasets[{i}]: {err}") from None
     for i, m in enumerate(spec.models):
-        if not timm.is_model(m.name):
-            import difflib
-
-            close = difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise HarnessError(f"{where}: models[{i}]: unknown model {m.name!r}.{hint} "
-                               f"Any name of timm.list_models() works.")
+        try:
+            check_model_name(m.name)
+        except HarnessError as err:
+            raise HarnessError(f"{where}: models[{i}]: {err}") from None
 
 
 # --------------------------------------------------------------------------

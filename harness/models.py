@@ -47,7 +47,26 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
+class PooledLinearHead(nn.Module):
+    """timm's classifier API (``forward_head``, ``get_classifier``,
+    ``reset_classifier``) over global average pooling and a linear ``fc``."""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class PreActResNet(PooledLinearHead):
     """Pre-activation ResNet for 32x32 inputs (He et al., ECCV 2016), as used by
     BackdoorBench and the papers; timm-style ``forward_features`` / ``fc``."""
 
@@ -74,22 +93,9 @@ class PreActResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return F.relu(self.bn(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.fc(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
-class TinyCNN(nn.Module):
+class TinyCNN(PooledLinearHead):
     """A small, fast VGG-style CNN for CPU tests and the quickstart (~0.3M params)."""
 
     family = "tiny_cnn"
@@ -109,19 +115,6 @@ class TinyCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.fc(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _strip_timm_kwargs(kwargs: dict) -> dict:
@@ -237,6 +230,16 @@ class ModelSpec(BaseModel):
         return self.name
 
 
+def check_model_name(name: str) -> None:
+    """Raise a did-you-mean HarnessError unless timm knows ``name``."""
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise HarnessError(f"unknown model {name!r}.{hint} Any name of timm.list_models() works.")
+
+
 DEFAULT_MEAN, DEFAULT_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
@@ -248,12 +251,7 @@ def create_model(spec: ModelSpec | str, num_classes: int, image_size: int,
     statistics); pretrained models use their own (from timm's pretrained cfg).
     """
     spec = ModelSpec.model_validate(spec)
-    if not timm.is_model(spec.name):
-        import difflib
-
-        close = difflib.get_close_matches(spec.name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise HarnessError(f"unknown model {spec.name!r}.{hint} Any name of timm.list_models() works.")
+    check_model_name(spec.name)
     kwargs = dict(spec.kwargs)
     pretrained = spec.pretrained or spec.pretrained_file is not None
     if spec.pretrained_file is not None:

@@ -24,7 +24,7 @@ import copy
 import torch
 from pydantic import Field
 
-from backdoor_harness import Defense, PoisonedSet, hookimpl
+from backdoor_harness import Defense, hookimpl
 from backdoor_harness.plugins.defenses.ft import FineTuneConfig
 
 
@@ -51,15 +51,7 @@ class ExactPurification(Defense):
         attack, reserve = ctx.attack, ctx.reserve
         n = len(reserve)
         idx = torch.randperm(n, generator=ctx.generator)[: max(1, round(self.config.poison_fraction * n))]
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[idx] = True
-        images, stamp_fn = reserve.images, None
-        if attack.config.stamp == "before_augment":
-            images = images.clone()
-            images[idx] = attack.apply_trigger(images[idx], train=True)
-        else:
-            stamp_fn = lambda x: attack.apply_trigger(x, train=True)  # noqa: E731
-        tuning = PoisonedSet(images, reserve.labels.clone(), mask, attack.config.stamp, stamp_fn)
+        tuning = attack.stamped(reserve.images, reserve.labels.clone(), idx)  # true labels kept
         ctx.fit(model, tuning, self.config.recipe(), device=ctx.device, generator=ctx.generator)
         return model
 
