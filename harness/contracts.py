@@ -248,10 +248,12 @@ class Defense(Plugin):
 
 @dataclass(frozen=True)
 class Metric:
-    """A metric an evaluator produces."""
+    """A metric an evaluator produces: a number, or with ``curve=True`` a list
+    of numbers kept whole in the record (leaderboards show only numbers)."""
 
     higher_is_better: bool
     doc: str = ""
+    curve: bool = False
 
 
 @dataclass
@@ -270,7 +272,11 @@ class EvalContext:
             ``role`` is ``"backdoored"``, ``"purified"`` or ``"clean"``;
             ``split`` is ``"clean"`` or ``"poisoned"``.
         clean_model: the clean reference model, when the evaluator asked for it.
-        extra: free room for evaluators of later issues (retuning sets ...).
+        train: the clean training set of the cell (attacks re-poison from it).
+        reserve: the defender's clean reserve of the cell.
+        seed: the cell's seed; ``generator`` is seeded with it.
+        fit: the shared trainer (as in :class:`DefenseContext`).
+        extra: free room for later evaluators.
     """
 
     backdoored: torch.nn.Module
@@ -281,6 +287,11 @@ class EvalContext:
     device: torch.device
     predict: Callable[[str, str], torch.Tensor]
     clean_model: torch.nn.Module | None = None
+    train: ImageSet | None = None
+    reserve: ImageSet | None = None
+    seed: int = 0
+    generator: torch.Generator | None = None
+    fit: Callable[..., Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -290,6 +301,7 @@ class Evaluator(Plugin):
     Attributes:
         metrics: name -> :class:`Metric` for every key ``evaluate`` returns.
         needs_clean_model: ask the scheduler for the clean reference model
+            (a class attribute, or a property when the config decides)
             (one training job per data set, model and seed, shared by all).
     """
 

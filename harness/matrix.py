@@ -185,7 +185,8 @@ def expand(spec: MatrixSpec) -> list[Job]:
     """The jobs of a matrix in dependency order (every job after its upstreams)."""
     jobs: list[Job] = []
     recipe = spec.recipe.model_dump()
-    needs_clean = any(get_class("evaluator", e.name).needs_clean_model for e in spec.evaluators)
+    evaluators = {e.display: create("evaluator", e.name, **e.config) for e in spec.evaluators}
+    needs_clean = any(ev.needs_clean_model for ev in evaluators.values())
     for ds in spec.datasets:
         data = ds.model_dump(mode="json")
         ds_version = str(get_class("dataset", ds.name).version)
@@ -216,12 +217,12 @@ def expand(spec: MatrixSpec) -> list[Job]:
                                        {"defense": _version("defense", dfn)})
                         jobs.append(purify)
                         for ev in spec.evaluators:
-                            ev_cls = get_class("evaluator", ev.name)
-                            deps = [train.key, purify.key] + ([clean.key] if ev_cls.needs_clean_model else [])
+                            ev_obj = evaluators[ev.display]
+                            deps = [train.key, purify.key] + ([clean.key] if ev_obj.needs_clean_model else [])
                             jobs.append(_make(
                                 "evaluate",
                                 f"evaluate {ds.label}/{model.label}/{atk.display}/{dfn.display}/{ev.display}/s{seed}",
                                 deps, {**d_attrs, "evaluator": ev.display},
                                 {"evaluator": ev.model_dump(mode="json", exclude={"label"}), "seed": seed},
-                                {"evaluator": str(ev_cls.version)}))
+                                {"evaluator": str(ev_obj.version)}))
     return jobs

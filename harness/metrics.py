@@ -47,3 +47,15 @@ def defense_effectiveness_rate(asr_before: float, asr_after: float, acc_before: 
     Gains in accuracy and rises in ASR are clipped at 0, so DER is in [0, 1].
     """
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+def score(model, clean_test, poisoned_test, device) -> dict[str, float]:
+    """Clean accuracy, ASR and robust accuracy of any model on a cell's test sets
+    (for evaluators that build models of their own: retuned, interpolated ...)."""
+    from .train import predict
+
+    pred_clean = predict(model, clean_test.images, device)
+    pred_poison = predict(model, poisoned_test.images, device)
+    return {"clean_acc": accuracy(pred_clean, clean_test.labels),
+            "asr": attack_success_rate(pred_poison, poisoned_test.labels),
+            "robust_acc": robust_accuracy(pred_poison, poisoned_test.meta["true_labels"])}

@@ -168,15 +168,21 @@ class Runner:
                 self._preds[memo] = predict(self.model(roles[role]), splits[split].images, self.device)
             return self._preds[memo]
 
+        train, _ = self.data(train_job.payload["data"])
+        seed = job.payload["seed"]
+        reserve = train.subset(reserve_indices(train.labels, DataSpec.model_validate(train_job.payload["data"]), seed))
         ctx = EvalContext(backdoored=self.model(roles["backdoored"]), purified=self.model(roles["purified"]),
                           clean_test=test, poisoned_test=poisoned_test, attack=attack, device=self.device,
-                          predict=predict_fn, clean_model=self.model(roles["clean"]) if "clean" in roles else None)
+                          predict=predict_fn, clean_model=self.model(roles["clean"]) if "clean" in roles else None,
+                          train=train, reserve=reserve, seed=seed, generator=seed_everything(seed),
+                          fit=lambda *a, **k: fit(*a, **{"progress": self.progress, "desc": job.label, **k}))
         metrics = evaluator.evaluate(ctx)
         unknown = set(metrics) - set(evaluator.metrics)
         if unknown:
             raise HarnessError(f"evaluator {evaluator.name!r} returned undeclared metrics {sorted(unknown)}; "
                                f"declare them in its `metrics`")
-        return {k: float(v) for k, v in metrics.items()}, None
+        return {k: [float(x) for x in v] if evaluator.metrics[k].curve else float(v)
+                for k, v in metrics.items()}, None
 
     # -- one job ----------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 Per (data set, model): one row per defense (in the order the records first
 name them, i.e. the matrix's order), and per attack the columns C-Acc, ASR,
-RA and DER (in percent), averaged over seeds. A cell that failed, was blocked
-or skipped shows that status, never a number.
+RA, DER, P-ASR (retuning), the clean model's P-ASR, QRA's P-ASR and the LMC
+escape point (each in percent; those no cell has are left out), averaged over
+seeds. A cell that failed, was blocked or skipped shows that status, never a
+number.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any, Iterable
 
 from tabulate import tabulate
 
-#: metric key -> column title, in display order
-COLUMNS = {"clean_acc": "C-Acc", "asr": "ASR", "robust_acc": "RA", "der": "DER"}
+#: metric key -> column title, in display order; a table shows the columns
+#: that some cell of it has
+COLUMNS = {"clean_acc": "C-Acc", "asr": "ASR", "robust_acc": "RA", "der": "DER", "retune_asr": "P-ASR",
+           "retune_asr_clean_model": "P-ASR(clean)", "qra_p_asr": "QRA P-ASR", "lmc_escape_t": "LMC-esc"}
 
 
 def _get(rec: Any, name: str) -> Any:
@@ -39,7 +43,8 @@ def collect(records: Iterable[Any]) -> list[dict[str, Any]]:
         if status == "done":
             cell["seeds"].add(a["seed"])
             for m, v in (_get(rec, "metrics") or {}).items():
-                values[key][m].append(float(v))
+                if isinstance(v, (int, float)):  # curves stay in the store
+                    values[key][m].append(float(v))
         else:
             cell["status"][a.get("evaluator", "?")] = {"status": status, "reason": (_get(rec, "error") or "").strip()
                                                         .splitlines()[-1:] or [""]}
@@ -74,8 +79,10 @@ def tables(records: Iterable[Any]) -> list[tuple[str, list[str], list[list[str]]
         defenses = list(dict.fromkeys(c["defense"] for c in group))
         index = {(c["defense"], c["attack"]): c for c in group}
         seeds = sorted({s for c in group for s in c["seeds"]})
-        headers = ["defense"] + [f"{atk} {title}" for atk in attacks for title in COLUMNS.values()]
-        rows = [[d] + [_fmt(index.get((d, atk)), m) for atk in attacks for m in COLUMNS] for d in defenses]
+        present = {m for c in group for m in c["metrics"]}
+        shown = [m for m in COLUMNS if m in present] or list(COLUMNS)[:4]
+        headers = ["defense"] + [f"{atk} {COLUMNS[m]}" for atk in attacks for m in shown]
+        rows = [[d] + [_fmt(index.get((d, atk)), m) for atk in attacks for m in shown] for d in defenses]
         out.append((f"{dataset} / {model} (seeds {', '.join(map(str, seeds)) or '-'}; metrics in %)", headers, rows))
     return out
 

@@ -1,0 +1,131 @@
+"""The backdoor-connected path: metrics along the line from backdoored to purified weights.
+
+Paper: Min, Qin et al., "Uncovering, Explaining, and Mitigating the Superficial
+Safety of Backdoor Defense", NeurIPS 2024 (paper 000, §4.1, Figures 4-5;
+linear mode connectivity after Frankle et al., ICML 2020). The authors
+publish no LMC script (shared/reference/algorithms.md §1d), so the details
+below are the harness's choices.
+
+Algorithm:
+1. for t in ``points`` evenly spaced values of [0, 1], build
+   theta(t) = (1 - t) * theta_backdoored + t * theta_purified over every
+   floating-point tensor of the state dict (BN running statistics included;
+   integer buffers are taken from the nearer end point);
+2. optionally (``recalibrate_bn``) reset BatchNorm statistics and re-estimate
+   them on the defender's clean reserve;
+3. measure ASR, backdoor error (1 - ASR) and clean accuracy of theta(t).
+
+Results: the whole curves (``lmc_t``, ``lmc_asr``, ``lmc_backdoor_error``,
+``lmc_clean_acc``) stay in the record; the summaries are ``lmc_asr_mid``
+(ASR at t = 0.5, linearly interpolated if 0.5 is not a grid point) and
+``lmc_escape_t``, the smallest grid t from which on ASR stays below
+``escape_asr`` (0.2). When the purified model itself is above that level there
+is no escape point and the metric is left out. The paper reports EP escaping
+near t = 0.2 while the usual defenses need t > 0.5. Not yet here: the
+clean-connected path and the per-cell plots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from backdoor_harness import Evaluator, Metric, PluginConfig, hookimpl
+from backdoor_harness.metrics import score
+from backdoor_harness.train import to_float
+
+
+class LMCConfig(PluginConfig):
+    """Attributes:
+        points: number of evenly spaced t in [0, 1] (both ends included).
+        recalibrate_bn: re-estimate BatchNorm statistics on the reserve at each t.
+        escape_asr: the ASR level that defines the escape point.
+    """
+
+    points: int = Field(default=21, ge=2)
+    recalibrate_bn: bool = False
+    escape_asr: float = Field(default=0.2, gt=0, le=1)
+
+
+def interpolate(model_a: nn.Module, model_b: nn.Module, t: float, out: nn.Module) -> nn.Module:
+    """Load (1 - t) * a + t * b into ``out`` (same architecture); returns ``out``."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    mixed = {k: torch.lerp(v, sb[k], t) if v.is_floating_point() else (sb[k] if t >= 0.5 else v).clone()
+             for k, v in sa.items()}
+    out.load_state_dict(mixed)
+    return out
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> None:
+    """Reset BatchNorm running statistics and re-estimate them (cumulative average) on ``images``."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i in range(0, len(images), batch_size):
+        model(to_float(images[i:i + batch_size].to(device), False))
+    model.eval()
+
+
+class LinearModeConnectivity(Evaluator):
+    name = "lmc"
+    version = "1"
+    summary = "backdoor-connected path: ASR/C-Acc from backdoored (t=0) to purified (t=1) weights"
+    paper = "Min, Qin et al., Superficial Safety of Backdoor Defense, NeurIPS 2024"
+    Config = LMCConfig
+    metrics = {
+        "lmc_t": Metric(higher_is_better=True, doc="the grid of t", curve=True),
+        "lmc_asr": Metric(higher_is_better=False, doc="ASR at each t", curve=True),
+        "lmc_backdoor_error": Metric(higher_is_better=True, doc="1 - ASR at each t", curve=True),
+        "lmc_clean_acc": Metric(higher_is_better=True, doc="clean accuracy at each t", curve=True),
+        "lmc_asr_mid": Metric(higher_is_better=False, doc="ASR at t = 0.5"),
+        "lmc_escape_t": Metric(higher_is_better=False, doc="smallest t from which ASR stays below escape_asr"),
+    }
+
+    def evaluate(self, ctx):
+        import copy
+
+        ts = torch.linspace(0, 1, self.config.points).tolist()
+        probe = copy.deepcopy(ctx.purified)
+        asr, acc = [], []
+        for t in ts:
+            interpolate(ctx.backdoored, ctx.purified, t, probe)
+            if self.config.recalibrate_bn:
+                recalibrate_bn(probe, ctx.reserve.images, ctx.device)
+            s = score(probe.eval(), ctx.clean_test, ctx.poisoned_test, ctx.device)
+            asr.append(s["asr"])
+            acc.append(s["clean_acc"])
+        out = {"lmc_t": ts, "lmc_asr": asr, "lmc_backdoor_error": [1 - a for a in asr], "lmc_clean_acc": acc,
+               "lmc_asr_mid": _at(ts, asr, 0.5)}
+        escape = escape_point(ts, asr, self.config.escape_asr)
+        if escape is not None:
+            out["lmc_escape_t"] = escape
+        return out
+
+
+def _at(ts: list[float], ys: list[float], x: float) -> float:
+    """Linear interpolation of the curve (ts, ys) at x."""
+    for (t0, y0), (t1, y1) in zip(zip(ts, ys), zip(ts[1:], ys[1:])):
+        if t0 <= x <= t1:
+            return y0 if t1 == t0 else y0 + (y1 - y0) * (x - t0) / (t1 - t0)
+    raise ValueError(f"{x} is outside the grid")
+
+
+def escape_point(ts: list[float], asr: list[float], level: float) -> float | None:
+    """The smallest t from which on every ASR is below ``level`` (None if the end point is not)."""
+    escape = None
+    for t, a in zip(reversed(ts), reversed(asr)):
+        if a >= level:
+            break
+        escape = t
+    return escape
+
+
+@hookimpl
+def harness_evaluators():
+    return [LinearModeConnectivity]

@@ -1,0 +1,176 @@
+"""QRA (Query-based Reactivation Attack): an input perturbation that revives the backdoor.
+
+Paper: Min, Qin et al., "Uncovering, Explaining, and Mitigating the Superficial
+Safety of Backdoor Defense", NeurIPS 2024 (paper 000, §3.3, Eq. (2), Appendix
+B.2); authors' code ``fine_tune/qra.py`` (shared/reference/algorithms.md §1b).
+
+Algorithm:
+1. run the Retuning Attack (the ``retune`` evaluator, same settings) on the
+   purified model: the teacher f_RA;
+2. a generator phi: an MLP on the flattened image, 3HW -> 1024 -> 1024 -> 1024
+   -> 3HW (ReLU, tanh output), delta = eps * phi(x), eps = 16/255, x' =
+   clip(x + delta, 0, 1) in pixel space;
+3. train phi (models frozen) on 500 clean + 500 poisoned non-target training
+   images for 50 epochs (SGD lr 0.1, momentum 0.9, batch 128) on
+   KL(f_RA(x) || f_pur(x')) + alpha * CE(f_ref(x'), y_true): the purified model
+   on x' imitates the retuned model on x, while the reference model (the clean
+   reference model) keeps classifying x' correctly; alpha 0.2 (0.1 for LC);
+4. report C-ASR (clean non-target test images + delta -> target) and P-ASR
+   (poisoned test images + delta -> target), on the purified and the clean model.
+
+Where alpha goes: Eq. (2) of the paper weights the CE term (``alpha_on: ce``,
+the default); the authors' code weights the KL term and leaves CE at 1
+(``alpha_on: kl``). Which of the two reproduces the paper's Figure 2 pattern
+better (high P-ASR on purified models, low C-ASR, low on the clean model) has
+not been measured yet: it needs the paper-scale GPU run.
+
+Departures: the generator sees [0, 1] pixels, not normalised images (the
+harness normalises inside the model); the reference model is the clean model
+(the paper's EP surrogate is not selectable yet); C-ASR excludes target-class
+images (the code counts every test image and hard-codes class 0); the
+poisoned images carry the training-time trigger.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+
+from backdoor_harness import Evaluator, Metric, PluginConfig, hookimpl
+from backdoor_harness.metrics import attack_success_rate
+from backdoor_harness.plugins.evaluators.retune import Retune, RetuneConfig
+from backdoor_harness.train import predict, to_float
+
+
+class QRAConfig(PluginConfig):
+    """Attributes:
+        eps: L-inf budget of the perturbation, on the [0, 1] scale.
+        alpha: weight of the balancing term (default 0.2; 0.1 for ``lc``).
+        alpha_on: ``ce`` (the paper's Eq. 2) or ``kl`` (the authors' code).
+        n_clean, n_poison: training images of each kind.
+        epochs, lr, momentum, batch_size: the generator's SGD.
+        hidden: width of the MLP's three hidden layers.
+        retune: settings of the Retuning Attack that makes the teacher.
+    """
+
+    eps: float = Field(default=16 / 255, gt=0, le=1)
+    alpha: float | None = Field(default=None, ge=0)
+    alpha_on: Literal["ce", "kl"] = "ce"
+    n_clean: int = Field(default=500, ge=0)
+    n_poison: int = Field(default=500, ge=0)
+    epochs: int = Field(default=50, gt=0)
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    batch_size: int = Field(default=128, gt=0)
+    hidden: int = Field(default=1024, gt=0)
+    retune: RetuneConfig = Field(default_factory=lambda: RetuneConfig(control=False))
+
+
+class Perturbation(nn.Module):
+    """delta = eps * tanh(MLP(flatten(x))), shaped like x."""
+
+    def __init__(self, shape: tuple[int, int, int], hidden: int, eps: float, generator: torch.Generator):
+        super().__init__()
+        d = math.prod(shape)
+        self.shape, self.eps = shape, eps
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):  # nn.Linear's own init, drawn from the cell's generator
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(layer.in_features)
+                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Perturbed images x' = clip(x + delta, 0, 1), x in [0, 1]."""
+        delta = self.eps * torch.tanh(self.mlp(x.flatten(1))).view(-1, *self.shape)
+        return (x + delta).clamp(0, 1)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class QueryReactivation(Evaluator):
+    name = "qra"
+    version = "1"
+    summary = "Query-based Reactivation Attack: C-ASR / P-ASR of a learned 16/255 perturbation"
+    paper = "Min, Qin et al., Superficial Safety of Backdoor Defense, NeurIPS 2024"
+    Config = QRAConfig
+    needs_clean_model = True
+    metrics = {
+        "qra_c_asr": Metric(higher_is_better=False, doc="purified model: clean non-target images + delta -> target"),
+        "qra_p_asr": Metric(higher_is_better=False, doc="purified model: poisoned images + delta -> target"),
+        "qra_c_asr_clean_model": Metric(higher_is_better=False, doc="the same on the clean model"),
+        "qra_p_asr_clean_model": Metric(higher_is_better=False, doc="the same on the clean model"),
+    }
+
+    def training_set(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """500 clean + 500 poisoned non-target training images (uint8) and their true labels."""
+        train, attack, g = ctx.train, ctx.attack, ctx.generator
+        clean = torch.randperm(len(train), generator=g)[: self.config.n_clean]
+        eligible = attack.test_mask(train.labels, train.num_classes).nonzero().flatten()
+        poison = eligible[torch.randperm(len(eligible), generator=g)[: self.config.n_poison]]
+        images = torch.cat([train.images[clean], attack.apply_trigger(train.images[poison], train=True)])
+        return images, torch.cat([train.labels[clean], train.labels[poison]])
+
+    def train_generator(self, ctx, teacher: nn.Module) -> Perturbation:
+        alpha = self.config.alpha if self.config.alpha is not None else (0.1 if ctx.attack.name == "lc" else 0.2)
+        images, labels = self.training_set(ctx)
+        x_all, y_all = to_float(images.to(ctx.device), False), labels.to(ctx.device)
+        purified, reference = frozen(ctx.purified).to(ctx.device), frozen(ctx.clean_model).to(ctx.device)
+        with torch.no_grad():
+            target = F.softmax(frozen(teacher).to(ctx.device)(x_all), dim=1)  # f_RA on the clean x
+        gen = Perturbation(tuple(images.shape[1:]), self.config.hidden, self.config.eps, ctx.generator).to(ctx.device)
+        opt = torch.optim.SGD(gen.parameters(), lr=self.config.lr, momentum=self.config.momentum)
+        w_kl, w_ce = (1.0, alpha) if self.config.alpha_on == "ce" else (alpha, 1.0)
+        n, bs = len(y_all), self.config.batch_size
+        for _ in range(self.config.epochs):
+            perm = torch.randperm(n, generator=ctx.generator).to(ctx.device)
+            for i in range(0, n, bs):
+                idx = perm[i:i + bs]
+                xp = gen(x_all[idx])
+                kl = F.kl_div(F.log_softmax(purified(xp), dim=1), target[idx], reduction="batchmean")
+                ce = F.cross_entropy(reference(xp), y_all[idx])
+                loss = w_kl * kl + w_ce * ce
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return gen.eval()
+
+    @torch.no_grad()
+    def perturb(self, gen: Perturbation, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 images + delta, back to uint8 (the perturbation rounds to whole pixel levels)."""
+        out = [gen(to_float(images[i:i + 1024].to(device), False)).mul(255).round().to(torch.uint8).cpu()
+               for i in range(0, len(images), 1024)]
+        return torch.cat(out)
+
+    def evaluate(self, ctx):
+        retune = Retune(self.config.retune)
+        tuning, _ = retune.retuning_set(ctx)
+        gen = self.train_generator(ctx, retune.retuned(ctx.purified, tuning, ctx))
+        attack, test = ctx.attack, ctx.clean_test
+        keep = attack.test_mask(test.labels, test.num_classes)
+        clean_x = self.perturb(gen, test.images[keep], ctx.device)
+        clean_t = attack.target_labels(test.labels[keep], test.num_classes)
+        poison_x = self.perturb(gen, ctx.poisoned_test.images, ctx.device)
+        out = {}
+        for suffix, model in (("", ctx.purified), ("_clean_model", ctx.clean_model)):
+            out[f"qra_c_asr{suffix}"] = attack_success_rate(predict(model, clean_x, ctx.device), clean_t)
+            out[f"qra_p_asr{suffix}"] = attack_success_rate(predict(model, poison_x, ctx.device),
+                                                            ctx.poisoned_test.labels)
+        return out
+
+
+@hookimpl
+def harness_evaluators():
+    return [QueryReactivation]
