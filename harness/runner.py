@@ -23,6 +23,7 @@ from . import __version__
 from .contracts import DefenseContext, EvalContext
 from .data import DataSpec, ImageSet, load_dataset, reserve_indices
 from .errors import HarnessError
+from .leaderboard.plots import write_curve_plots
 from .matrix import Job, MatrixSpec, expand
 from .models import Normalized, channel_stats, create_model, load_checkpoint, model_family, save_checkpoint
 from .registry import create
@@ -244,6 +245,9 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
                     "failed": (rec.error or "").strip().splitlines()[-1] if rec.error else ""}[rec.status]
             log(f"{tag} {job.label}: {rec.status} in {rec.wall_s:.1f}s" + (f" ({note})" if note else ""))
             sys.stdout.flush()
+        plots = write_curve_plots(store.records("evaluate"), store.artifacts / "plots")
+        if plots:
+            log(f"curve plots: {len(plots) // 2} in {store.artifacts / 'plots'}")
         store.close()
     log(" ".join(f"{k} {v}" for k, v in counts.items()))
     return counts

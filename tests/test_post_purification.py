@@ -118,6 +118,8 @@ def test_retuning_revives_a_backdoor_but_not_in_a_clean_model(tmp_path):
     assert m[("none", "retune")]["retune_asr"] >= 0.8
     assert m[("none", "retune")]["retune_asr_clean_model"] <= 0.3
     assert m[("none", "lmc")]["lmc_asr"][0] == m[("none", "lmc")]["lmc_asr"][-1] == m[("none", "asr")]["asr"]
+    plots = sorted(p.name for p in (tmp_path / "artifacts" / "plots").iterdir())
+    assert "lmc_asr-cifar10-tiny_cnn-badnets.png" in plots and "lmc_asr-cifar10-tiny_cnn-badnets.svg" in plots
     # one clean reference model serves retune's control and QRA
     assert sum(r.attrs.get("role") == "clean" for r in Store(tmp_path).records("train")) == 1
     assert set(m[("ep", "qra")]) == {"qra_c_asr", "qra_p_asr", "qra_c_asr_clean_model", "qra_p_asr_clean_model"}

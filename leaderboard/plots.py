@@ -1,0 +1,69 @@
+"""Curve plots: a pure function of job records, like the tables.
+
+Any evaluator metric declared as a curve (``Metric(curve=True)``) whose name
+shares a prefix with a ``<prefix>_t`` grid (``lmc_t`` + ``lmc_asr``, ...) is
+drawn per (data set, model, attack, metric), one line per defense, as PNG and
+SVG. Seeds are averaged point-wise.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def _get(rec: Any, name: str) -> Any:
+    return rec.get(name) if isinstance(rec, dict) else getattr(rec, name)
+
+
+def curves(records: Iterable[Any]) -> dict[tuple, dict[str, tuple[list[float], list[float]]]]:
+    """``(dataset, model, attack, metric) -> {defense: (t, mean y)}``."""
+    acc: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    grids: dict[tuple, list[float]] = {}
+    for rec in records:
+        if _get(rec, "kind") != "evaluate" or _get(rec, "status") != "done":
+            continue
+        a, m = _get(rec, "attrs"), _get(rec, "metrics") or {}
+        for grid_name, grid in m.items():
+            if not grid_name.endswith("_t") or not isinstance(grid, list):
+                continue
+            prefix = grid_name[:-1]
+            for name, ys in m.items():
+                if name.startswith(prefix) and name != grid_name and isinstance(ys, list) and len(ys) == len(grid):
+                    key = (a["dataset"], a["model"], a["attack"], name)
+                    acc[key][a["defense"]].append(ys)
+                    grids[key + (a["defense"],)] = grid
+    return {key: {d: (grids[key + (d,)], np.mean(ys, axis=0).tolist()) for d, ys in by_def.items()}
+            for key, by_def in acc.items()}
+
+
+def write_curve_plots(records: Iterable[Any], folder: str | Path) -> list[Path]:
+    """Write one PNG and one SVG per curve group into ``folder``; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (dataset, model, attack, metric), by_def in curves(records).items():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for defense, (t, y) in by_def.items():
+            ax.plot(t, y, marker="o", markersize=3, label=defense)
+        ax.set_xlabel("t (0 = backdoored, 1 = purified)")
+        ax.set_ylabel(metric)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{dataset} / {model} / {attack}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        stem = folder / f"{metric}-{dataset}-{model}-{attack}".replace("/", "_")
+        for ext in ("png", "svg"):
+            fig.savefig(f"{stem}.{ext}")
+            written.append(Path(f"{stem}.{ext}"))
+        plt.close(fig)
+    return written
