@@ -272,6 +272,8 @@ class EvalContext:
             ``role`` is ``"backdoored"``, ``"purified"`` or ``"clean"``;
             ``split`` is ``"clean"`` or ``"poisoned"``.
         clean_model: the clean reference model, when the evaluator asked for it.
+        defended: name -> the same attacked model purified by another defense,
+            for each defense the evaluator asked for in ``needs_defenses``.
         train: the clean training set of the cell (attacks re-poison from it).
         reserve: the defender's clean reserve of the cell.
         seed: the cell's seed; ``generator`` is seeded with it.
@@ -287,6 +289,7 @@ class EvalContext:
     device: torch.device
     predict: Callable[[str, str], torch.Tensor]
     clean_model: torch.nn.Module | None = None
+    defended: dict[str, torch.nn.Module] = field(default_factory=dict)
     train: ImageSet | None = None
     reserve: ImageSet | None = None
     seed: int = 0
@@ -303,11 +306,16 @@ class Evaluator(Plugin):
         needs_clean_model: ask the scheduler for the clean reference model
             (a class attribute, or a property when the config decides)
             (one training job per data set, model and seed, shared by all).
+        needs_defenses: ``{"name", "config"}`` mappings of other defenses
+            whose purified model of the same attacked model the evaluator
+            uses (``ctx.defended[name]``); the scheduler adds those purify
+            jobs, shared with the matrix's own rows when the configs agree.
     """
 
     kind = "evaluator"
     metrics: ClassVar[dict[str, Metric]] = {}
     needs_clean_model: ClassVar[bool] = False
+    needs_defenses: ClassVar[tuple[dict, ...]] = ()
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         raise NotImplementedError

@@ -182,11 +182,19 @@ def _version(kind: str, ref: PluginRef) -> str:
 
 
 def expand(spec: MatrixSpec) -> list[Job]:
-    """The jobs of a matrix in dependency order (every job after its upstreams)."""
-    jobs: list[Job] = []
+    """The jobs of a matrix in dependency order (every job after its upstreams).
+
+    A purify job that an evaluator asks for (``needs_defenses``) and that the
+    matrix also lists with the same config is one job, not two.
+    """
+    jobs: dict[str, Job] = {}
     recipe = spec.recipe.model_dump()
     evaluators = {e.display: create("evaluator", e.name, **e.config) for e in spec.evaluators}
     needs_clean = any(ev.needs_clean_model for ev in evaluators.values())
+
+    def add(job: Job) -> Job:
+        return jobs.setdefault(job.key, job)
+
     for ds in spec.datasets:
         data = ds.model_dump(mode="json")
         ds_version = str(get_class("dataset", ds.name).version)
@@ -196,33 +204,34 @@ def expand(spec: MatrixSpec) -> list[Job]:
                 base = {"dataset": ds.label, "model": model.label, "seed": seed}
                 clean = None
                 if needs_clean:
-                    clean = _make("train", f"train {ds.label}/{model.label}/clean/s{seed}", [],
-                                  {**base, "attack": None, "role": "clean"},
-                                  {"data": data, "model": mspec, "recipe": recipe, "attack": None, "seed": seed},
-                                  {"dataset": ds_version})
-                    jobs.append(clean)
+                    clean = add(_make("train", f"train {ds.label}/{model.label}/clean/s{seed}", [],
+                                      {**base, "attack": None, "role": "clean"},
+                                      {"data": data, "model": mspec, "recipe": recipe, "attack": None, "seed": seed},
+                                      {"dataset": ds_version}))
                 for atk in spec.attacks:
                     a_attrs = {**base, "attack": atk.display}
                     a_ref = atk.model_dump(mode="json", exclude={"label"})
-                    train = _make("train", f"train {ds.label}/{model.label}/{atk.display}/s{seed}", [],
-                                  {**a_attrs, "role": "attacked"},
-                                  {"data": data, "model": mspec, "recipe": recipe, "attack": a_ref, "seed": seed},
-                                  {"dataset": ds_version, "attack": _version("attack", atk)})
-                    jobs.append(train)
+                    train = add(_make("train", f"train {ds.label}/{model.label}/{atk.display}/s{seed}", [],
+                                      {**a_attrs, "role": "attacked"},
+                                      {"data": data, "model": mspec, "recipe": recipe, "attack": a_ref, "seed": seed},
+                                      {"dataset": ds_version, "attack": _version("attack", atk)}))
+
+                    def purify(dfn: PluginRef) -> Job:
+                        return add(_make("purify",
+                                         f"purify {ds.label}/{model.label}/{atk.display}/{dfn.display}/s{seed}",
+                                         [train.key], {**a_attrs, "defense": dfn.display},
+                                         {"defense": dfn.model_dump(mode="json", exclude={"label"}), "seed": seed},
+                                         {"defense": _version("defense", dfn)}))
+
                     for dfn in spec.defenses:
-                        d_attrs = {**a_attrs, "defense": dfn.display}
-                        purify = _make("purify", f"purify {ds.label}/{model.label}/{atk.display}/{dfn.display}/s{seed}",
-                                       [train.key], d_attrs,
-                                       {"defense": dfn.model_dump(mode="json", exclude={"label"}), "seed": seed},
-                                       {"defense": _version("defense", dfn)})
-                        jobs.append(purify)
+                        row = purify(dfn)
                         for ev in spec.evaluators:
                             ev_obj = evaluators[ev.display]
-                            deps = [train.key, purify.key] + ([clean.key] if ev_obj.needs_clean_model else [])
-                            jobs.append(_make(
-                                "evaluate",
-                                f"evaluate {ds.label}/{model.label}/{atk.display}/{dfn.display}/{ev.display}/s{seed}",
-                                deps, {**d_attrs, "evaluator": ev.display},
-                                {"evaluator": ev.model_dump(mode="json", exclude={"label"}), "seed": seed},
-                                {"evaluator": str(ev_obj.version)}))
-    return jobs
+                            deps = [train.key, row.key] + ([clean.key] if ev_obj.needs_clean_model else [])
+                            deps += [purify(PluginRef.model_validate(r)).key for r in ev_obj.needs_defenses]
+                            add(_make("evaluate",
+                                      f"evaluate {ds.label}/{model.label}/{atk.display}/{dfn.display}/{ev.display}/s{seed}",
+                                      deps, {**row.attrs, "evaluator": ev.display},
+                                      {"evaluator": ev.model_dump(mode="json", exclude={"label"}), "seed": seed},
+                                      {"evaluator": str(ev_obj.version)}))
+    return list(jobs.values())

@@ -26,7 +26,7 @@ from .errors import HarnessError
 from .leaderboard.plots import write_curve_plots
 from .matrix import Job, MatrixSpec, expand
 from .models import Normalized, channel_stats, create_model, load_checkpoint, model_family, save_checkpoint
-from .registry import create
+from .registry import create, get_class
 from .store import JobRecord, Store, WorkdirLock, now, sha256_file
 from .train import Recipe, default_device, fit, predict
 
@@ -159,6 +159,8 @@ class Runner:
         roles = {"backdoored": job.deps[0], "purified": job.deps[1]}
         if evaluator.needs_clean_model:
             roles["clean"] = job.deps[2]
+        refs = job.deps[len(roles):]
+        defended = {ref["name"]: self.model(key) for ref, key in zip(evaluator.needs_defenses, refs)}
         splits = {"clean": test, "poisoned": poisoned_test}
 
         def predict_fn(role: str, split: str) -> torch.Tensor:
@@ -175,6 +177,7 @@ class Runner:
         ctx = EvalContext(backdoored=self.model(roles["backdoored"]), purified=self.model(roles["purified"]),
                           clean_test=test, poisoned_test=poisoned_test, attack=attack, device=self.device,
                           predict=predict_fn, clean_model=self.model(roles["clean"]) if "clean" in roles else None,
+                          defended=defended,
                           train=train, reserve=reserve, seed=seed, generator=seed_everything(seed),
                           fit=lambda *a, **k: fit(*a, **{"progress": self.progress, "desc": job.label, **k}))
         metrics = evaluator.evaluate(ctx)
@@ -245,7 +248,9 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
                     "failed": (rec.error or "").strip().splitlines()[-1] if rec.error else ""}[rec.status]
             log(f"{tag} {job.label}: {rec.status} in {rec.wall_s:.1f}s" + (f" ({note})" if note else ""))
             sys.stdout.flush()
-        plots = write_curve_plots(store.records("evaluate"), store.artifacts / "plots")
+        labels = {name: m.doc or name for ref in spec.evaluators
+                  for name, m in get_class("evaluator", ref.name).metrics.items() if m.curve}
+        plots = write_curve_plots(store.records("evaluate"), store.artifacts / "plots", labels)
         if plots:
             log(f"curve plots: {len(plots) // 2} in {store.artifacts / 'plots'}")
         store.close()

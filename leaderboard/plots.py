@@ -3,7 +3,9 @@
 Any evaluator metric declared as a curve (``Metric(curve=True)``) whose name
 shares a prefix with a ``<prefix>_t`` grid (``lmc_t`` + ``lmc_asr``, ...) is
 drawn per (data set, model, attack, metric), one line per defense, as PNG and
-SVG. Seeds are averaged point-wise.
+SVG; a curve belongs to the grid with the longest matching prefix
+(``lmc_clean_path_asr`` to ``lmc_clean_path_t``, not ``lmc_t``). Seeds are
+averaged point-wise.
 """
 
 from __future__ import annotations
@@ -27,21 +29,30 @@ def curves(records: Iterable[Any]) -> dict[tuple, dict[str, tuple[list[float], l
         if _get(rec, "kind") != "evaluate" or _get(rec, "status") != "done":
             continue
         a, m = _get(rec, "attrs"), _get(rec, "metrics") or {}
-        for grid_name, grid in m.items():
-            if not grid_name.endswith("_t") or not isinstance(grid, list):
+        grid_names = [g for g, v in m.items() if g.endswith("_t") and isinstance(v, list)]
+        for name, ys in m.items():
+            if name in grid_names or not isinstance(ys, list):
                 continue
-            prefix = grid_name[:-1]
-            for name, ys in m.items():
-                if name.startswith(prefix) and name != grid_name and isinstance(ys, list) and len(ys) == len(grid):
-                    key = (a["dataset"], a["model"], a["attack"], name)
-                    acc[key][a["defense"]].append(ys)
-                    grids[key + (a["defense"],)] = grid
+            owners = [g for g in grid_names if name.startswith(g[:-1])]
+            if not owners:
+                continue
+            grid = m[max(owners, key=len)]
+            if len(ys) != len(grid):
+                continue
+            key = (a["dataset"], a["model"], a["attack"], name)
+            acc[key][a["defense"]].append(ys)
+            grids[key + (a["defense"],)] = grid
     return {key: {d: (grids[key + (d,)], np.mean(ys, axis=0).tolist()) for d, ys in by_def.items()}
             for key, by_def in acc.items()}
 
 
-def write_curve_plots(records: Iterable[Any], folder: str | Path) -> list[Path]:
-    """Write one PNG and one SVG per curve group into ``folder``; returns the paths."""
+def write_curve_plots(records: Iterable[Any], folder: str | Path,
+                      axis_labels: dict[str, str] | None = None) -> list[Path]:
+    """Write one PNG and one SVG per curve group into ``folder``; returns the paths.
+
+    ``axis_labels`` maps a metric name to its axis label (default: the name).
+    """
+    labels = axis_labels or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +65,9 @@ def write_curve_plots(records: Iterable[Any], folder: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for defense, (t, y) in by_def.items():
             ax.plot(t, y, marker="o", markersize=3, label=defense)
-        ax.set_xlabel("t (0 = backdoored, 1 = purified)")
+        grid = next((g for g in sorted(labels, key=len, reverse=True)
+                     if g.endswith("_t") and metric.startswith(g[:-1])), None)
+        ax.set_xlabel(labels.get(grid, "t"))
         ax.set_ylabel(metric)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{dataset} / {model} / {attack}", fontsize=10)

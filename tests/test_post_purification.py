@@ -158,3 +158,62 @@ def test_qra_runs_and_is_reproducible(ctx):
     code_form = bh.create_evaluator("qra", alpha_on="kl", **cfg)
     ctx.generator.manual_seed(0)
     assert set(code_form.evaluate(ctx)) == set(first)
+
+
+def test_clean_path_runs_from_the_clean_model_to_the_purified_one(ctx):
+    out = bh.create_evaluator("lmc", points=3).evaluate(ctx)
+    ends = [score(m, ctx.clean_test, ctx.poisoned_test, CPU) for m in (ctx.clean_model, ctx.purified)]
+    assert out["lmc_clean_path_t"] == [0.0, 0.5, 1.0]
+    assert out["lmc_clean_path_clean_acc"][0] == ends[0]["clean_acc"]
+    assert out["lmc_clean_path_asr"][-1] == ends[1]["asr"]
+    assert out["lmc_clean_path_barrier"] >= 0
+    off = bh.create_evaluator("lmc", points=3, clean_path=False)
+    assert off.needs_clean_model is False and "lmc_clean_path_barrier" not in off.evaluate(ctx)
+
+
+def test_barrier_by_hand():
+    from backdoor_harness.plugins.evaluators.lmc import barrier
+
+    # the line between 0.9 and 0.7 is 0.8 at t = 0.5; the path dips to 0.3 there
+    assert barrier([0.0, 0.5, 1.0], [0.9, 0.3, 0.7]) == pytest.approx(0.5)
+    assert barrier([0.0, 0.5, 1.0], [0.9, 0.85, 0.7]) == 0.0  # above the line: no barrier
+
+
+def test_curves_belong_to_the_grid_with_the_longest_prefix():
+    from backdoor_harness.leaderboard.plots import curves
+
+    rec = {"kind": "evaluate", "status": "done",
+           "attrs": {"dataset": "d", "model": "m", "attack": "a", "defense": "ft"},
+           "metrics": {"lmc_t": [0, 1], "lmc_asr": [1, 0], "lmc_clean_path_t": [0, 0.5, 1],
+                       "lmc_clean_path_asr": [0, 0, 0], "lmc_asr_mid": 0.5}}
+    got = curves([rec])
+    assert got[("d", "m", "a", "lmc_asr")]["ft"] == ([0, 1], [1.0, 0.0])
+    assert got[("d", "m", "a", "lmc_clean_path_asr")]["ft"][0] == [0, 0.5, 1]
+    assert len(got) == 2
+
+
+def test_qra_reference_defense_is_one_shared_purify_job():
+    from backdoor_harness.matrix import MatrixSpec, expand
+
+    def spec(reference, ep_config):
+        return MatrixSpec.model_validate({
+            "datasets": [{"name": "cifar10", "train_per_class": 10, "test_per_class": 5}],
+            "models": ["tiny_cnn"], "attacks": ["badnets"],
+            "defenses": ["none", {"name": "ep", "config": ep_config}],
+            "evaluators": [{"name": "qra", "config": {"reference": reference}}]})
+
+    jobs = expand(spec({"name": "ep", "config": {"epochs": 3}}, {"epochs": 3}))
+    purify = [j for j in jobs if j.kind == "purify"]
+    assert sorted(j.attrs["defense"] for j in purify) == ["ep", "none"]  # shared with the matrix's ep row
+    ep_key = next(j.key for j in purify if j.attrs["defense"] == "ep")
+    for job in (j for j in jobs if j.kind == "evaluate"):
+        assert job.deps[-1] == ep_key and len(job.deps) == 4
+    order = [j.key for j in jobs]
+    assert all(order.index(d) < order.index(j.key) for j in jobs for d in j.deps)
+    # a different config is a job of its own
+    assert sum(j.kind == "purify" for j in expand(spec("ep", {"epochs": 3}))) == 3
+    assert bh.create_evaluator("qra").needs_defenses == ()
+    with pytest.raises(bh.HarnessError, match="reference"):
+        bh.create_evaluator("qra", reference="nosuchdefense")
+    with pytest.raises(bh.HarnessError, match="reference"):
+        bh.create_evaluator("qra", reference={"name": "ep", "config": {"epochz": 1}})

@@ -125,3 +125,20 @@ def test_leaderboard_averages_seeds_and_marks_missing():
     assert none_row.count("—") == 1
     ft_row = next(l for l in md.splitlines() if l.startswith("| ft"))
     assert ft_row.count("failed") == 1 and "10.00" in ft_row
+
+
+def test_leaderboard_keeps_a_labelled_evaluator_apart_and_shows_t_plainly():
+    def ev(label, metrics, name="qra"):
+        return {"kind": "evaluate", "status": "done", "error": None, "metrics": metrics,
+                "config": {"evaluator": {"name": name, "config": {}}, "seed": 0},
+                "attrs": {"dataset": "d", "model": "m", "attack": "a", "defense": "ft", "seed": 0,
+                          "evaluator": label}}
+
+    recs = [ev("qra", {"qra_p_asr": 0.9}), ev("qra_kl", {"qra_p_asr": 0.5}),
+            ev("lmc", {"lmc_escape_t": 0.55}, name="lmc")]
+    cell = json.loads(render(recs, "json"))[0]
+    assert cell["metrics"] == {"qra_p_asr": 0.9, "qra_p_asr@qra_kl": 0.5, "lmc_escape_t": 0.55}  # not 0.7
+    md = render(recs, "markdown")
+    assert "a QRA P-ASR [qra_kl]" in md.splitlines()[2]
+    row = next(l for l in md.splitlines() if l.startswith("| ft"))
+    assert "90.00" in row and "50.00" in row and "0.55" in row and "55.00" not in row

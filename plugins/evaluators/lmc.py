@@ -13,7 +13,15 @@ Algorithm:
    integer buffers are taken from the nearer end point);
 2. optionally (``recalibrate_bn``) reset BatchNorm statistics and re-estimate
    them on the defender's clean reserve;
-3. measure ASR, backdoor error (1 - ASR) and clean accuracy of theta(t).
+3. measure ASR, backdoor error (1 - ASR) and clean accuracy of theta(t);
+4. with ``clean_path`` (default on), the same along the clean-connected path,
+   from the clean reference model of the cell (t = 0) to the purified model
+   (t = 1). The clean and the attacked model start from the same initial
+   weights (same seed), so this path asks whether purification lands in the
+   clean model's basin: its summary is the clean-accuracy barrier
+   ``lmc_clean_path_barrier``, max over t of the straight line between the
+   end points' accuracies minus the accuracy at t (Frankle et al.'s error
+   barrier, 0 when the path has no dip).
 
 Results: the whole curves (``lmc_t``, ``lmc_asr``, ``lmc_backdoor_error``,
 ``lmc_clean_acc``) stay in the record; the summaries are ``lmc_asr_mid``
@@ -21,11 +29,17 @@ Results: the whole curves (``lmc_t``, ``lmc_asr``, ``lmc_backdoor_error``,
 ``lmc_escape_t``, the smallest grid t from which on ASR stays below
 ``escape_asr`` (0.2). When the purified model itself is above that level there
 is no escape point and the metric is left out. The paper reports EP escaping
-near t = 0.2 while the usual defenses need t > 0.5. Not yet here: the
-clean-connected path and the per-cell plots.
+near t = 0.2 while the usual defenses need t > 0.5. The runner draws every
+curve per (data set, model, attack), one line per defense.
+
+Departures: the paper interpolates from the backdoored to the purified model
+only; "clean-connected path" is the harness's reading of the issue (the paper's
+Figure 5 instead connects other defenses to EP).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -41,11 +55,15 @@ class LMCConfig(PluginConfig):
         points: number of evenly spaced t in [0, 1] (both ends included).
         recalibrate_bn: re-estimate BatchNorm statistics on the reserve at each t.
         escape_asr: the ASR level that defines the escape point.
+        clean_path: also walk the path from the clean reference model to the
+            purified model (needs the clean model: one more training job per
+            data set, model and seed).
     """
 
     points: int = Field(default=21, ge=2)
     recalibrate_bn: bool = False
     escape_asr: float = Field(default=0.2, gt=0, le=1)
+    clean_path: bool = True
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, t: float, out: nn.Module) -> nn.Module:
@@ -74,37 +92,54 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, device: torch.device,
 
 class LinearModeConnectivity(Evaluator):
     name = "lmc"
-    version = "1"
-    summary = "backdoor-connected path: ASR/C-Acc from backdoored (t=0) to purified (t=1) weights"
+    version = "2"
+    summary = "backdoor-connected path: ASR/C-Acc from backdoored (t=0) to purified (t=1) weights; clean path"
     paper = "Min, Qin et al., Superficial Safety of Backdoor Defense, NeurIPS 2024"
     Config = LMCConfig
     metrics = {
-        "lmc_t": Metric(higher_is_better=True, doc="the grid of t", curve=True),
+        "lmc_t": Metric(higher_is_better=True, doc="t (0 = backdoored, 1 = purified)", curve=True),
         "lmc_asr": Metric(higher_is_better=False, doc="ASR at each t", curve=True),
         "lmc_backdoor_error": Metric(higher_is_better=True, doc="1 - ASR at each t", curve=True),
         "lmc_clean_acc": Metric(higher_is_better=True, doc="clean accuracy at each t", curve=True),
         "lmc_asr_mid": Metric(higher_is_better=False, doc="ASR at t = 0.5"),
         "lmc_escape_t": Metric(higher_is_better=False, doc="smallest t from which ASR stays below escape_asr"),
+        "lmc_clean_path_t": Metric(higher_is_better=True, doc="t (0 = clean model, 1 = purified)", curve=True),
+        "lmc_clean_path_asr": Metric(higher_is_better=False, doc="ASR at each t of the clean path", curve=True),
+        "lmc_clean_path_clean_acc": Metric(higher_is_better=True, doc="clean accuracy along the clean path",
+                                           curve=True),
+        "lmc_clean_path_barrier": Metric(higher_is_better=False,
+                                         doc="clean-accuracy barrier between the clean and the purified model"),
     }
 
-    def evaluate(self, ctx):
-        import copy
+    @property
+    def needs_clean_model(self) -> bool:  # an instance property: the config decides
+        return self.config.clean_path
 
+    def path(self, start: nn.Module, end: nn.Module, ctx) -> tuple[list[float], list[float], list[float]]:
+        """(t, ASR, clean accuracy) along the straight line from ``start`` (t = 0) to ``end`` (t = 1)."""
         ts = torch.linspace(0, 1, self.config.points).tolist()
-        probe = copy.deepcopy(ctx.purified)
+        probe = copy.deepcopy(end)
         asr, acc = [], []
         for t in ts:
-            interpolate(ctx.backdoored, ctx.purified, t, probe)
+            interpolate(start, end, t, probe)
             if self.config.recalibrate_bn:
                 recalibrate_bn(probe, ctx.reserve.images, ctx.device)
             s = score(probe.eval(), ctx.clean_test, ctx.poisoned_test, ctx.device)
             asr.append(s["asr"])
             acc.append(s["clean_acc"])
+        return ts, asr, acc
+
+    def evaluate(self, ctx):
+        ts, asr, acc = self.path(ctx.backdoored, ctx.purified, ctx)
         out = {"lmc_t": ts, "lmc_asr": asr, "lmc_backdoor_error": [1 - a for a in asr], "lmc_clean_acc": acc,
                "lmc_asr_mid": _at(ts, asr, 0.5)}
         escape = escape_point(ts, asr, self.config.escape_asr)
         if escape is not None:
             out["lmc_escape_t"] = escape
+        if self.config.clean_path:
+            ts, asr, acc = self.path(ctx.clean_model, ctx.purified, ctx)
+            out.update(lmc_clean_path_t=ts, lmc_clean_path_asr=asr, lmc_clean_path_clean_acc=acc,
+                       lmc_clean_path_barrier=barrier(ts, acc))
         return out
 
 
@@ -114,6 +149,12 @@ def _at(ts: list[float], ys: list[float], x: float) -> float:
         if t0 <= x <= t1:
             return y0 if t1 == t0 else y0 + (y1 - y0) * (x - t0) / (t1 - t0)
     raise ValueError(f"{x} is outside the grid")
+
+
+def barrier(ts: list[float], acc: list[float]) -> float:
+    """Largest drop of ``acc`` below the straight line between its end points (0 without a dip)."""
+    line = [(1 - t) * acc[0] + t * acc[-1] for t in ts]
+    return max(0.0, max(lin - a for lin, a in zip(line, acc)))
 
 
 def escape_point(ts: list[float], asr: list[float], level: float) -> float | None:
