@@ -284,6 +284,24 @@ def create_model(spec: ModelSpec | str, num_classes: int, image_size: int,
     return Normalized(net, mean, std, family)
 
 
+def classifier(model: nn.Module) -> nn.Linear:
+    """The final linear layer of a model (through timm's ``get_classifier``).
+
+    Works for a :class:`Normalized` wrapper or a bare timm model; when the
+    classifier is a small module (timm's ``ClassifierHead``), its last
+    ``nn.Linear``. Raises HarnessError when the model has none.
+    """
+    net = getattr(model, "net", model)
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
+    if not linears:
+        raise HarnessError(f"{type(net).__name__} has no linear classifier (get_classifier() gives "
+                           f"{type(head).__name__}); this defense needs one")
+    return linears[-1]
+
+
 def model_family(model: nn.Module) -> str:
     return getattr(model, "family", None) or type(model).__module__.rsplit(".", 1)[-1]
 

@@ -127,7 +127,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepInfo], torch.Tenso
 
 def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, device: torch.device,
         generator: torch.Generator, loss_fn: LossFn | None = None, desc: str = "train",
-        progress: bool = True) -> dict[str, float]:
+        progress: bool = True, after_step: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
     """Train ``model`` in place on ``data`` with ``recipe``.
 
     Args:
@@ -138,8 +138,11 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         recipe: optimizer, schedule and augmentation.
         device: where to train; data is moved there once.
         generator: seeded CPU generator: shuffling and augmentation.
-        loss_fn: replaces cross-entropy (training-controlled attacks).
+        loss_fn: replaces cross-entropy (training-controlled attacks,
+            defenses with a penalty).
         desc: label of the progress meter.
+        after_step: called with the model after every optimizer step
+            (projections, masks), under ``torch.no_grad``.
 
     Returns:
         ``{"images_per_s", "wall_s", "final_loss"}``; the model is left in eval mode.
@@ -186,6 +189,9 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(model)
             bar.update(len(idx), None)
         if sched is not None:
             sched.step()
