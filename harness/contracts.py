@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from .data import ImageSet
+from .data import ImageSet, validation_split
 
 
 class PluginConfig(BaseModel):
@@ -216,6 +216,16 @@ class DefenseContext:
     family: str
     fit: Callable[..., Any]
     attack: Attack | None = None
+
+    def split(self, fraction: float = 0.1) -> tuple[ImageSet, ImageSet]:
+        """(train, validation) parts of the reserve, for defenses that validate.
+
+        Paper 003's protocol: per class, ``max(1, round(fraction * n))`` samples
+        go to validation (10% by default; with 2 samples per class, one each).
+        Draws from ``generator``.
+        """
+        train, val = validation_split(self.reserve.labels, fraction, self.generator)
+        return self.reserve.subset(train), self.reserve.subset(val)
 
 
 class Defense(Plugin):

@@ -217,7 +217,14 @@ class DataSpec(BaseModel):
         train_per_class: keep only this many training images per class (seeded, fixed).
         test_per_class: the same for the test set.
         reserve_ratio: the defender's clean reserve as a fraction of the training set.
-        reserve_per_class: or as a number of samples per class (overrides the ratio).
+        reserve_per_class: or as a number of samples per class (overrides the
+            ratio): paper 003's samples-per-class (SPC) protocol, e.g. 2, 10, 100.
+        label: names this entry in results (default: ``name``), so one data set
+            can appear with several reserves; not part of any job key.
+
+    The attacked and clean models train on the whole training set whatever
+    the reserve: entries that differ only in their reserve (or label) share
+    those training jobs.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -228,6 +235,7 @@ class DataSpec(BaseModel):
     test_per_class: int | None = Field(default=None, gt=0)
     reserve_ratio: float = Field(default=0.05, gt=0, lt=1)
     reserve_per_class: int | None = Field(default=None, gt=0)
+    label: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -235,8 +243,13 @@ class DataSpec(BaseModel):
         return {"name": value} if isinstance(value, str) else value
 
     @property
-    def label(self) -> str:
-        return self.name
+    def display(self) -> str:
+        return self.label or self.name
+
+    def payloads(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(what the training data depends on, what the reserve depends on), JSON-able."""
+        data = self.model_dump(mode="json", exclude={"label", "reserve_ratio", "reserve_per_class"})
+        return data, self.model_dump(mode="json", include={"reserve_ratio", "reserve_per_class"})
 
 
 def per_class_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -256,6 +269,24 @@ def reserve_indices(labels: torch.Tensor, spec: DataSpec, seed: int) -> torch.Te
         return per_class_subset(labels, spec.reserve_per_class, g)
     n = max(1, round(spec.reserve_ratio * len(labels)))
     return torch.randperm(len(labels), generator=g)[:n].sort().values
+
+
+def validation_split(labels: torch.Tensor, fraction: float, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class (train, validation) indices, paper 003's protocol.
+
+    Every class with at least two samples gives ``max(1, round(fraction * n))``
+    of them to validation (10% by default; with 2 samples per class, one each);
+    a class with a single sample keeps it for training.
+    """
+    train, val = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        k = max(1, round(fraction * len(idx))) if len(idx) >= 2 else 0
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
 def _cache_key(source: DatasetSource) -> str:

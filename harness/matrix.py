@@ -29,7 +29,7 @@ from .train import Recipe, resolve_recipe
 
 #: Bump when the core changes what a job computes (trainer, data pipeline):
 #: it is part of every key, so old results are not reused.
-CORE_VERSION = "1"
+CORE_VERSION = "2"
 
 
 class PluginRef(BaseModel):
@@ -196,31 +196,32 @@ def expand(spec: MatrixSpec) -> list[Job]:
         return jobs.setdefault(job.key, job)
 
     for ds in spec.datasets:
-        data = ds.model_dump(mode="json")
+        data, reserve = ds.payloads()
         ds_version = str(get_class("dataset", ds.name).version)
         for model in spec.models:
-            mspec = model.model_dump(mode="json")
+            mspec = model.model_dump(mode="json", exclude={"label"})
             for seed in spec.seeds:
-                base = {"dataset": ds.label, "model": model.label, "seed": seed}
+                base = {"dataset": ds.display, "model": model.display, "seed": seed}
                 clean = None
                 if needs_clean:
-                    clean = add(_make("train", f"train {ds.label}/{model.label}/clean/s{seed}", [],
+                    clean = add(_make("train", f"train {ds.display}/{model.display}/clean/s{seed}", [],
                                       {**base, "attack": None, "role": "clean"},
                                       {"data": data, "model": mspec, "recipe": recipe, "attack": None, "seed": seed},
                                       {"dataset": ds_version}))
                 for atk in spec.attacks:
                     a_attrs = {**base, "attack": atk.display}
                     a_ref = atk.model_dump(mode="json", exclude={"label"})
-                    train = add(_make("train", f"train {ds.label}/{model.label}/{atk.display}/s{seed}", [],
+                    train = add(_make("train", f"train {ds.display}/{model.display}/{atk.display}/s{seed}", [],
                                       {**a_attrs, "role": "attacked"},
                                       {"data": data, "model": mspec, "recipe": recipe, "attack": a_ref, "seed": seed},
                                       {"dataset": ds_version, "attack": _version("attack", atk)}))
 
                     def purify(dfn: PluginRef) -> Job:
                         return add(_make("purify",
-                                         f"purify {ds.label}/{model.label}/{atk.display}/{dfn.display}/s{seed}",
+                                         f"purify {ds.display}/{model.display}/{atk.display}/{dfn.display}/s{seed}",
                                          [train.key], {**a_attrs, "defense": dfn.display},
-                                         {"defense": dfn.model_dump(mode="json", exclude={"label"}), "seed": seed},
+                                         {"defense": dfn.model_dump(mode="json", exclude={"label"}), "seed": seed,
+                                          "reserve": reserve},
                                          {"defense": _version("defense", dfn)}))
 
                     for dfn in spec.defenses:
@@ -230,8 +231,9 @@ def expand(spec: MatrixSpec) -> list[Job]:
                             deps = [train.key, row.key] + ([clean.key] if ev_obj.needs_clean_model else [])
                             deps += [purify(PluginRef.model_validate(r)).key for r in ev_obj.needs_defenses]
                             add(_make("evaluate",
-                                      f"evaluate {ds.label}/{model.label}/{atk.display}/{dfn.display}/{ev.display}/s{seed}",
+                                      f"evaluate {ds.display}/{model.display}/{atk.display}/{dfn.display}/{ev.display}/s{seed}",
                                       deps, {**row.attrs, "evaluator": ev.display},
-                                      {"evaluator": ev.model_dump(mode="json", exclude={"label"}), "seed": seed},
+                                      {"evaluator": ev.model_dump(mode="json", exclude={"label"}), "seed": seed,
+                                       "reserve": reserve},
                                       {"evaluator": str(ev_obj.version)}))
     return list(jobs.values())

@@ -210,6 +210,7 @@ class ModelSpec(BaseModel):
         pretrained_file: or load them from this local file.
         kwargs: extra keyword arguments for ``timm.create_model``.
         adapt_stem: remove ImageNet stem downsampling for inputs below 100 px.
+        label: names this entry in results (default: ``name``); not part of any job key.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -219,6 +220,7 @@ class ModelSpec(BaseModel):
     pretrained_file: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     adapt_stem: bool = True
+    label: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -226,8 +228,8 @@ class ModelSpec(BaseModel):
         return {"name": value} if isinstance(value, str) else value
 
     @property
-    def label(self) -> str:
-        return self.name
+    def display(self) -> str:
+        return self.label or self.name
 
 
 def check_model_name(name: str) -> None:

@@ -92,6 +92,11 @@ class Runner:
             self._models[key] = model
         return self._models[key]
 
+    def reserve(self, train: ImageSet, train_job: Job, job: Job) -> ImageSet:
+        """The defender's clean reserve of a purify or evaluate job."""
+        spec = DataSpec.model_validate({**train_job.payload["data"], **job.payload["reserve"]})
+        return train.subset(reserve_indices(train.labels, spec, job.payload["seed"]))
+
     def attack(self, train_job: Job):
         ref = train_job.payload["attack"]
         return None if ref is None else create("attack", ref["name"], **ref["config"])
@@ -133,7 +138,7 @@ class Runner:
         attack = self.attack(train_job)
         if "oracle_trigger" in defense.needs and attack is None:
             raise Skip(f"defense {defense.name!r} needs the attack's trigger and this model has none")
-        reserve = train.subset(reserve_indices(train.labels, DataSpec.model_validate(train_job.payload["data"]), seed))
+        reserve = self.reserve(train, train_job, job)
         ctx = DefenseContext(reserve=reserve, num_classes=train.num_classes, device=self.device, generator=g,
                              seed=seed, family=family,
                              fit=lambda *a, **k: fit(*a, **{"progress": self.progress, "desc": job.label, **k}),
@@ -173,7 +178,7 @@ class Runner:
 
         train, _ = self.data(train_job.payload["data"])
         seed = job.payload["seed"]
-        reserve = train.subset(reserve_indices(train.labels, DataSpec.model_validate(train_job.payload["data"]), seed))
+        reserve = self.reserve(train, train_job, job)
         ctx = EvalContext(backdoored=self.model(roles["backdoored"]), purified=self.model(roles["purified"]),
                           clean_test=test, poisoned_test=poisoned_test, attack=attack, device=self.device,
                           predict=predict_fn, clean_model=self.model(roles["clean"]) if "clean" in roles else None,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from backdoor_harness import registry
 from backdoor_harness.matrix import MatrixSpec, expand
@@ -77,3 +78,31 @@ def test_plugin_version_is_part_of_the_key(monkeypatch):
     before = keys()
     monkeypatch.setattr(registry.get_class("attack", "badnets"), "version", "999")
     assert changed(before, keys()) == set(before)
+
+
+def test_validation_split_follows_the_spc_protocol():
+    from backdoor_harness.data import validation_split
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 2])  # SPC 2 for classes 0 and 1; class 2 has one sample
+    train, val = validation_split(labels, 0.1, g)
+    assert sorted(labels[val].tolist()) == [0, 1] and sorted(labels[train].tolist()) == [0, 1, 2]
+    assert set(train.tolist()).isdisjoint(val.tolist()) and len(train) + len(val) == 5
+    labels = torch.arange(100) % 10  # SPC 10: one per class; SPC 100 would give 10
+    train, val = validation_split(labels, 0.1, g)
+    assert torch.bincount(labels[val]).tolist() == [1] * 10
+    train, val = validation_split(torch.arange(1000) % 10, 0.1, g)
+    assert torch.bincount((torch.arange(1000) % 10)[val]).tolist() == [10] * 10
+
+
+def test_spc_entries_share_the_training_jobs_and_keep_their_labels():
+    spec = MatrixSpec.model_validate({
+        "datasets": [{"name": "cifar10", "reserve_per_class": n, "label": f"cifar10-spc{n}"} for n in (2, 10, 100)],
+        "models": ["tiny_cnn"], "attacks": ["badnets"], "defenses": ["ft"], "evaluators": ["asr"]})
+    jobs = expand(spec)
+    assert sum(j.kind == "train" for j in jobs) == 1  # the reserve does not change the attacked model
+    purify = [j for j in jobs if j.kind == "purify"]
+    assert len({j.key for j in purify}) == 3
+    assert sorted(j.attrs["dataset"] for j in jobs if j.kind == "evaluate") == [
+        "cifar10-spc10", "cifar10-spc100", "cifar10-spc2"]
+    assert [j.payload["reserve"]["reserve_per_class"] for j in purify] == [2, 10, 100]
