@@ -59,6 +59,46 @@ def test_defense_contract(name):
     # deterministic for a seed on CPU
     again = run(0)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())
+    # its config round-trips through JSON (what the job store keeps)
+    assert type(defense.config).model_validate_json(defense.config.model_dump_json()) == defense.config
+    # the purified weights load into a fresh model of the same architecture (what checkpoints need)
+    fresh = create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32)
+    fresh.load_state_dict(out.state_dict())
+
+
+FAMILY_MODELS = [
+    pytest.param({"name": "vit_tiny_patch16_224",
+                  "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+                  "adapt_stem": False},
+                 id="vit"),
+    pytest.param("resnet18", id="resnet", marks=pytest.mark.slow),
+    pytest.param("preact_resnet18", id="preact_resnet", marks=pytest.mark.slow),
+    pytest.param("vgg11_bn", id="vgg", marks=pytest.mark.slow),
+    pytest.param("mobilenetv2_050", id="mobilenet", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("spec", FAMILY_MODELS)
+@pytest.mark.parametrize("name", bh.list_defenses())
+def test_defense_runs_on_every_family_it_declares(name, spec):
+    """ResNet, PreAct-ResNet, VGG-BN and MobileNet must work for every defense
+    (slow); a defense that declares ViT must run on a small ViT."""
+    torch.manual_seed(0)
+    model = create_model(spec, 10, 32).eval()
+    defense = bh.create_defense(name, **quick_config(name))
+    family = model_family(model)
+    if not defense.supports(family):
+        assert family == "vision_transformer", f"{name} must support {family}"
+        pytest.skip(f"{name} does not declare ViT support")
+    attack = bh.create_attack("badnets")
+    ctx = DefenseContext(reserve=synthetic(40), num_classes=10, device=torch.device("cpu"),
+                         generator=torch.Generator().manual_seed(0), seed=0, family=family,
+                         fit=lambda *a, **k: fit(*a, **{"progress": False, **k}),
+                         attack=attack if "oracle_trigger" in defense.needs else None)
+    out = defense.purify(model, ctx)
+    x = torch.rand(2, 3, 32, 32)
+    assert out(x).shape == (2, 10)
+    create_model(spec, 10, 32).load_state_dict(out.state_dict())
 
 
 @pytest.mark.parametrize("name", bh.list_evaluators())
