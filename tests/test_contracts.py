@@ -29,10 +29,15 @@ def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+BUDGET = ("epochs", "rounds", "iterations", "iters", "steps")
+
+
 def quick_config(name: str) -> dict:
-    """Each defense at its smallest (epochs 1) where it has an epochs knob."""
-    cls = registry.get_class("defense", name)
-    return {"epochs": 1} if "epochs" in cls.Config.model_fields else {}
+    """Each defense at its smallest: every integer loop count (``epochs``,
+    ``*_epochs``, ``rounds``, ``*_steps``, ...) set to 1."""
+    fields = registry.get_class("defense", name).Config.model_fields
+    return {k: 1 for k, f in fields.items()
+            if f.annotation is int and any(k == b or k.endswith("_" + b) for b in BUDGET)}
 
 
 @pytest.mark.parametrize("name", bh.list_defenses())

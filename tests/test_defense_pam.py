@@ -1,0 +1,160 @@
+"""PAM's mechanism, tested directly on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backdoor_harness.contracts import DefenseContext
+from backdoor_harness.data import ImageSet
+from backdoor_harness.models import create_model, model_family
+from backdoor_harness.plugins.defenses.pam import PAM, PathAwareLoss
+from backdoor_harness.train import Recipe, fit
+
+CPU = torch.device("cpu")
+CLASSES = [str(i) for i in range(10)]
+QUICK = dict(rounds=2, epochs=1, mask_epochs=1, generator_epochs=2, generator_width=4, batch_size=64)
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
+
+
+def noise_set(n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
+                    CLASSES)
+
+
+def context(model, reserve=None, seed=0):
+    reserve = reserve if reserve is not None else noise_set(seed=seed)
+    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
+                          seed=seed, family=model_family(model),
+                          fit=lambda *a, **k: fit(*a, **{"progress": False, **k}))
+
+
+def one_step(model, data, loss_fn, lr):
+    """One plain SGD step (momentum 0) through the harness's trainer, as PAM's purify runs it."""
+    recipe = Recipe(epochs=1, batch_size=len(data), lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
+                    augment=False)
+    fit(model, data, recipe, device=CPU, generator=torch.Generator().manual_seed(0), loss_fn=loss_fn, progress=False)
+
+
+def moved(model, scale=0.05, seed=1):
+    """A copy of ``model`` with every parameter moved off it (W != W0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def test_interpolated_step_equals_a_hand_computation():
+    backdoored = tiny()  # W0
+    model = moved(backdoored)  # W, the current solution
+    data = noise_set(32)
+    lr, rho = 0.1, 0.5
+
+    # by hand: W_d = W0 - W, one global norm, W~ = W + rho W_d / ||W_d||, gradient at W~ applied to W
+    w = [p.detach().clone() for p in model.parameters()]
+    w_d = [p0.detach() - p for p0, p in zip(backdoored.parameters(), w)]
+    norm = torch.sqrt(sum((d ** 2).sum() for d in w_d))
+    probe = copy.deepcopy(model).train()
+    with torch.no_grad():
+        for p, d in zip(probe.parameters(), w_d):
+            p.add_(rho * d / norm)
+    loss = F.cross_entropy(probe(data.images.float() / 255), data.labels)
+    grads = torch.autograd.grad(loss, list(probe.parameters()))
+    expected = [p - lr * g for p, g in zip(w, grads)]
+
+    # the implementation: one step of fit with PAM's loss
+    w0 = {n: p.detach().clone() for n, p in backdoored.named_parameters()}
+    one_step(model, data, PathAwareLoss(w0, rho), lr)
+    for (name, p), e in zip(model.named_parameters(), expected):
+        assert torch.allclose(p, e, rtol=1e-5, atol=1e-6), name
+    # BN buffers: not interpolated; the running statistics come from the pass at W~ (train mode)
+    for (name, b), (_, b_hand) in zip(model.named_buffers(), probe.named_buffers()):
+        assert torch.allclose(b.float(), b_hand.float(), rtol=1e-5, atol=1e-6), name
+
+    # and that differs from a plain SGD step at W (the test can fail)
+    plain = moved(backdoored)
+    one_step(plain, data, None, lr)
+    assert not all(torch.allclose(p, q, atol=1e-6) for p, q in zip(plain.parameters(), model.parameters()))
+
+
+def test_the_shift_has_length_rho_towards_w0_with_one_global_norm():
+    backdoored = tiny()
+    model = moved(backdoored)
+    w0 = {n: p.detach().clone() for n, p in backdoored.named_parameters()}
+    e = PathAwareLoss(w0, 0.7).shift(model)
+    flat = torch.cat([t.flatten() for t in e.values()])
+    diff = torch.cat([(w0[n] - p.detach()).flatten() for n, p in model.named_parameters()])
+    assert torch.allclose(flat.norm(), torch.tensor(0.7), rtol=1e-5)
+    assert torch.allclose(flat, 0.7 * diff / diff.norm(), atol=1e-7)  # not per-layer: one direction overall
+
+
+def test_first_step_at_w0_is_plain_sgd():
+    backdoored = tiny()
+    data = noise_set(32)
+    w0 = {n: p.detach().clone() for n, p in backdoored.named_parameters()}
+    shift = PathAwareLoss(w0, 0.5).shift(backdoored)
+    assert all(not t.any() for t in shift.values())  # ||W0 - W|| = 0: e = 0, no division by zero
+    pam, plain = copy.deepcopy(backdoored), copy.deepcopy(backdoored)
+    one_step(pam, data, PathAwareLoss(w0, 0.5), 0.1)
+    one_step(plain, data, None, 0.1)
+    assert all(torch.equal(p, q) for p, q in zip(pam.state_dict().values(), plain.state_dict().values()))
+
+
+def test_contract_on_the_tiny_model():
+    """What tests/test_contracts.py checks for every registered defense."""
+    model = tiny()
+    given = {k: v.clone() for k, v in model.state_dict().items()}
+    defense = PAM(PAM.Config(**QUICK))
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return defense.purify(model, context(model, seed=seed))
+
+    t0 = time.perf_counter()
+    out = run(0)
+    assert time.perf_counter() - t0 < 10
+    x = torch.rand(4, 3, 32, 32)
+    assert out(x).shape == model(x).shape == (4, 10)
+    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())  # input untouched
+    again = run(0)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())  # deterministic
+    other = run(1)
+    assert not all(torch.equal(v, other.state_dict()[k]) for k, v in out.state_dict().items())
+    tiny(1).load_state_dict(out.state_dict())  # no added modules or buffers
+    cfg = PAM.Config(**QUICK)
+    assert PAM.Config.model_validate_json(cfg.model_dump_json()) == cfg
+    assert PAM.Config(epochs=1).epochs == 1
+    with pytest.raises(ValueError):
+        PAM.Config(rho=-0.1)
+    with pytest.raises(ValueError):
+        PAM.Config(momentum=1.0)
+
+
+def test_defaults_follow_the_code():
+    cfg = PAM.Config()
+    assert (cfg.rho, cfg.lr, cfg.momentum, cfg.weight_decay) == (0.5, 0.01, 0.1, 0.0)
+    assert (cfg.rounds, cfg.epochs, cfg.poison_fraction, cfg.batch_size) == (3, 30, 0.2, 128)
+    assert (cfg.mask_epochs, cfg.generator_epochs, cfg.norm_bound) == (20, 30, 0.3)
+
+
+@pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow),
+                                  pytest.param("vgg11_bn", marks=pytest.mark.slow), "mobilenetv2_050"])
+def test_runs_on_other_families(name):
+    torch.manual_seed(0)
+    model = create_model(name, 10, 32).eval()
+    out = PAM(rounds=1, epochs=1, mask_epochs=1, generator_epochs=1, generator_width=4, batch_size=20).purify(
+        model, context(model, noise_set(40)))
+    assert out.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    torch.manual_seed(1)
+    create_model(name, 10, 32).load_state_dict(out.state_dict())  # same architecture, strict
