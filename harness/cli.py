@@ -29,12 +29,13 @@ def cmd_list(args) -> int:
         rows = []
         for name in sorted(table):
             cls, package = table[name]
-            extra = ""
-            if kind == "defense":
-                needs = ",".join(sorted(cls.needs)) or "-"
-                extra = f"needs: {needs}; models: {','.join(sorted(cls.families))}"
-            rows.append([name, cls.version, cls.summary, package] + ([extra] if kind == "defense" else []))
-        headers = ["name", "version", "summary", "package"] + (["requires"] if kind == "defense" else [])
+            row = [name, cls.version, cls.summary, package]
+            if kind == "defense":  # what a defense requires, and whether it runs on a ViT (no BN, no conv filters)
+                vit = "*" in cls.families or "vision_transformer" in cls.families
+                needs = cls().needs if isinstance(cls.needs, property) else cls.needs  # config-dependent: defaults
+                row += [",".join(sorted(needs)) or "-", ",".join(sorted(cls.families)), "yes" if vit else "no"]
+            rows.append(row)
+        headers = ["name", "version", "summary", "package"] + (["needs", "models", "ViT"] if kind == "defense" else [])
         print(f"{kind}s ({len(rows)})")
         print(tabulate(rows, headers=headers, tablefmt="simple"))
         print()
@@ -46,7 +47,7 @@ def cmd_validate(args) -> int:
 
     spec = load_matrix(args.spec)
     jobs = expand(spec)
-    kinds = {k: sum(j.kind == k for j in jobs) for k in ("train", "purify", "evaluate")}
+    kinds = {k: sum(j.kind == k for j in jobs) for k in ("prepare", "train", "purify", "evaluate")}
     print(f"{args.spec}: valid; {len(jobs)} jobs ({', '.join(f'{v} {k}' for k, v in kinds.items())})")
     return 0
 

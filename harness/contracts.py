@@ -166,6 +166,39 @@ class Attack(Plugin):
         return ImageSet(images, self.target_labels(true, test.num_classes), test.classes,
                         meta={"true_labels": true})
 
+    # -- generated resources and learned state -----------------------------------
+
+    #: ``prepare`` needs the clean reference model of the cell's data set, model
+    #: and seed (a surrogate for adversarial perturbations); then the prepare job
+    #: is per model, otherwise it is shared by every model of a data set.
+    prepare_needs_clean_model: ClassVar[bool] = False
+
+    @classmethod
+    def prepares(cls) -> bool:
+        """Whether the attack generates resources before poisoning (it overrides :meth:`prepare`)."""
+        return cls.prepare is not Attack.prepare
+
+    def prepare(self, ctx: "PrepareContext") -> None:
+        """Generate what the attack needs (a pattern, an encoder, adversarial
+        images) from the clean training set, deterministically from
+        ``ctx.generator``, and keep it as tensors in :meth:`state_dict`.
+
+        Runs once per (data set, [model,] seed, attack config) as a job of the
+        DAG; its state is cached by content hash and loaded into the attack of
+        every job that uses it. Never download anything here.
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors the attack generated or learned (``prepare``, or a training-
+        controlled attack's generator); saved with the model and restored by
+        :meth:`load_state_dict` before the attack is used again."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise NotImplementedError(f"attack {self.name!r} got state {sorted(state)} but does not load any")
+
     # -- training-controlled attacks ------------------------------------------
 
     def training_loss(self, model: torch.nn.Module, images: torch.Tensor,
@@ -186,6 +219,28 @@ class StepInfo:
     step: int
     num_classes: int
     generator: torch.Generator
+
+
+@dataclass
+class PrepareContext:
+    """What an attack's ``prepare`` sees.
+
+    Attributes:
+        train: the clean training set of the cell.
+        device: where to compute.
+        generator: seeded CPU generator; the only source of randomness.
+        seed: the cell's seed.
+        fit: the shared trainer (``fit(model, data, recipe, ...)``).
+        clean_model: the clean reference model (eval mode), when the attack
+            sets ``prepare_needs_clean_model``.
+    """
+
+    train: ImageSet
+    device: torch.device
+    generator: torch.Generator
+    seed: int
+    fit: Callable[..., Any]
+    clean_model: torch.nn.Module | None = None
 
 
 # --------------------------------------------------------------------------

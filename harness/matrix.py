@@ -1,7 +1,8 @@
 """The matrix file (YAML, validated by pydantic) and its expansion into a job DAG.
 
-    train[dataset, model, attack, seed]     -> attacked model
-    train[dataset, model, clean, seed]      -> clean reference (only if an evaluator asks)
+    prepare[dataset, (model,) attack, seed] -> an attack's generated resources (only attacks that prepare)
+    train[dataset, model, attack, seed]     -> attacked model (and a training-controlled attack's state)
+    train[dataset, model, clean, seed]      -> clean reference (only if an evaluator or a prepare asks)
     purify[attacked, defense]               -> purified model
     evaluate[purified, evaluator]           -> metrics
 
@@ -150,7 +151,8 @@ class Job:
 
     Attributes:
         key: content hash (see module docstring).
-        kind: ``train``, ``purify`` or ``evaluate``.
+        kind: ``prepare`` (an attack's generated resources), ``train``,
+            ``purify`` or ``evaluate``.
         label: human-readable ``kind dataset/model/attack/defense/evaluator/seed``.
         deps: upstream job keys, in a fixed order per kind (train, purify, clean).
         attrs: names of the cell, for results and leaderboards.
@@ -202,19 +204,36 @@ def expand(spec: MatrixSpec) -> list[Job]:
             mspec = model.model_dump(mode="json", exclude={"label"})
             for seed in spec.seeds:
                 base = {"dataset": ds.display, "model": model.display, "seed": seed}
-                clean = None
-                if needs_clean:
-                    clean = add(_make("train", f"train {ds.display}/{model.display}/clean/s{seed}", [],
-                                      {**base, "attack": None, "role": "clean"},
-                                      {"data": data, "model": mspec, "recipe": recipe, "attack": None, "seed": seed},
-                                      {"dataset": ds_version}))
+
+                def clean_job() -> Job:
+                    return add(_make("train", f"train {ds.display}/{model.display}/clean/s{seed}", [],
+                                     {**base, "attack": None, "role": "clean"},
+                                     {"data": data, "model": mspec, "recipe": recipe, "attack": None, "seed": seed},
+                                     {"dataset": ds_version}))
+
+                clean = clean_job() if needs_clean else None
                 for atk in spec.attacks:
                     a_attrs = {**base, "attack": atk.display}
                     a_ref = atk.model_dump(mode="json", exclude={"label"})
-                    train = add(_make("train", f"train {ds.display}/{model.display}/{atk.display}/s{seed}", [],
-                                      {**a_attrs, "role": "attacked"},
+                    a_versions = {"dataset": ds_version, "attack": _version("attack", atk)}
+                    train_deps = []
+                    a_cls = get_class("attack", atk.name)
+                    if a_cls.prepares():  # generated resources: one job per data set (and model), cached
+                        if a_cls.prepare_needs_clean_model:
+                            p_deps, p_payload = [clean_job().key], {"model": mspec, "recipe": recipe}
+                            where, p_attrs = f"{ds.display}/{model.display}", a_attrs
+                        else:
+                            p_deps, p_payload = [], {}
+                            where = ds.display
+                            p_attrs = {k: v for k, v in a_attrs.items() if k != "model"}
+                        prep = add(_make("prepare", f"prepare {where}/{atk.display}/s{seed}", p_deps,
+                                         {**p_attrs, "role": "resource"},
+                                         {"data": data, "attack": a_ref, "seed": seed, **p_payload}, a_versions))
+                        train_deps = [prep.key]
+                    train = add(_make("train", f"train {ds.display}/{model.display}/{atk.display}/s{seed}",
+                                      train_deps, {**a_attrs, "role": "attacked"},
                                       {"data": data, "model": mspec, "recipe": recipe, "attack": a_ref, "seed": seed},
-                                      {"dataset": ds_version, "attack": _version("attack", atk)}))
+                                      a_versions))
 
                     def purify(dfn: PluginRef) -> Job:
                         return add(_make("purify",

@@ -319,23 +319,43 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 # --------------------------------------------------------------------------
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> None:
-    """Write the state dict atomically (temp file + rename): never half-written."""
+#: Key prefix of an attack's state (generated resources, a learned trigger
+#: generator) stored in the same file as the model it trained.
+ATTACK_PREFIX = "attack::"
+
+
+def save_checkpoint(model: nn.Module | None, path: Path, attack_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model's state dict (and an attack's state under ``attack::``)
+    atomically (temp file + rename): never half-written."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
+    state = {} if model is None else dict(model.state_dict())
+    state.update({ATTACK_PREFIX + k: v for k, v in (attack_state or {}).items()})
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp))
     os.replace(tmp, path)
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
-    from safetensors.torch import load_file
+def _read(path: Path, attack: bool) -> dict[str, torch.Tensor]:
+    """The model's (``attack=False``) or the attack's tensors of a checkpoint (prefix stripped)."""
+    from safetensors import safe_open
 
+    n = len(ATTACK_PREFIX)
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {(k[n:] if attack else k): f.get_tensor(k) for k in f.keys()
+                    if k.startswith(ATTACK_PREFIX) == attack}
     except Exception as exc:
         raise HarnessError(f"checkpoint {path} is unreadable ({exc}); delete it and rerun to recompute") from None
-    model.load_state_dict(state)
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
+    """Load the model's weights from a checkpoint (an attack's state in it is left out)."""
+    model.load_state_dict(_read(path, attack=False))
     return model
+
+
+def load_attack_state(path: Path) -> dict[str, torch.Tensor]:
+    """The attack's state stored in a checkpoint (empty when there is none)."""
+    return _read(path, attack=True)

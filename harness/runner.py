@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from . import __version__
-from .contracts import DefenseContext, EvalContext
+from .contracts import DefenseContext, EvalContext, PrepareContext
 from .data import DataSpec, ImageSet, load_dataset, reserve_indices
 from .errors import HarnessError
 from .leaderboard.plots import write_curve_plots
 from .matrix import Job, MatrixSpec, expand
-from .models import Normalized, channel_stats, create_model, load_checkpoint, model_family, save_checkpoint
+from .models import (Normalized, channel_stats, create_model, load_attack_state, load_checkpoint, model_family,
+                     save_checkpoint)
 from .registry import create, get_class
 from .store import JobRecord, Store, WorkdirLock, now, sha256_file
 from .train import Recipe, default_device, fit, predict
@@ -82,11 +83,7 @@ class Runner:
         if key not in self._models:
             job = self._jobs[key]
             train_job = job if job.kind == "train" else self._jobs[job.deps[0]]
-            rec = self.store.get(key)
-            path = self.store.workdir / rec.artifact
-            if rec.artifact_sha256 and sha256_file(path) != rec.artifact_sha256:
-                raise HarnessError(f"checkpoint {path} does not match its recorded sha256; delete it and rerun")
-            model = load_checkpoint(self.new_model(train_job), path).to(self.device).eval()
+            model = load_checkpoint(self.new_model(train_job), self.artifact(key)).to(self.device).eval()
             if len(self._models) >= 8:
                 self._models.pop(next(iter(self._models)))
             self._models[key] = model
@@ -97,18 +94,51 @@ class Runner:
         spec = DataSpec.model_validate({**train_job.payload["data"], **job.payload["reserve"]})
         return train.subset(reserve_indices(train.labels, spec, job.payload["seed"]))
 
-    def attack(self, train_job: Job):
-        ref = train_job.payload["attack"]
-        return None if ref is None else create("attack", ref["name"], **ref["config"])
+    def artifact(self, key: str) -> Path:
+        """The checked artifact file of a finished job."""
+        rec = self.store.get(key)
+        path = self.store.workdir / rec.artifact
+        if rec.artifact_sha256 and sha256_file(path) != rec.artifact_sha256:
+            raise HarnessError(f"checkpoint {path} does not match its recorded sha256; delete it and rerun")
+        return path
 
-    # -- the three kinds of job ---------------------------------------------------
+    def attack(self, job: Job, trained: bool = True):
+        """The attack of a train or prepare job, with the state its prepare job
+        generated and (``trained``) the state it learned while training."""
+        ref = job.payload["attack"]
+        if ref is None:
+            return None
+        attack = create("attack", ref["name"], **ref["config"])
+        state: dict[str, torch.Tensor] = {}
+        if job.kind == "train" and attack.prepares():
+            state.update(load_attack_state(self.artifact(job.deps[0])))
+        if trained and job.kind == "train" and self.store.is_final(job.key):
+            state.update(load_attack_state(self.artifact(job.key)))
+        if state:
+            attack.load_state_dict(state)
+        return attack
 
-    def run_train(self, job: Job) -> tuple[dict, torch.nn.Module]:
+    # -- the kinds of job ------------------------------------------------------------
+
+    def run_prepare(self, job: Job) -> tuple[dict, None, dict]:
+        train, _ = self.data(job.payload["data"])
+        seed = job.payload["seed"]
+        attack = self.attack(job)
+        ctx = PrepareContext(train=train, device=self.device, generator=seed_everything(seed), seed=seed,
+                             fit=lambda *a, **k: fit(*a, **{"progress": self.progress, "desc": job.label, **k}),
+                             clean_model=self.model(job.deps[0]) if job.deps else None)
+        attack.prepare(ctx)
+        state = attack.state_dict()
+        if not state:
+            raise HarnessError(f"attack {attack.name!r} prepared nothing: its state_dict() is empty after prepare()")
+        return {"state_tensors": len(state), "state_numel": sum(v.numel() for v in state.values())}, None, state
+
+    def run_train(self, job: Job) -> tuple[dict, torch.nn.Module, dict]:
         train, _ = self.data(job.payload["data"])
         g = seed_everything(job.payload["seed"])
         model = self.new_model(job)
         recipe = Recipe(**job.payload["recipe"])
-        attack = self.attack(job)
+        attack = self.attack(job, trained=False)
         metrics: dict[str, Any] = {}
         if attack is None:
             stats = fit(model, train, recipe, device=self.device, generator=g, desc=job.label, progress=self.progress)
@@ -122,7 +152,9 @@ class Runner:
             stats = fit(model, poisoned, recipe, device=self.device, generator=g, desc=job.label,
                         progress=self.progress)
         metrics.update(stats)
-        return metrics, model
+        if job.deps:
+            metrics["prepare_wall_s"] = self.store.get(job.deps[0]).wall_s
+        return metrics, model, (attack.state_dict() if attack is not None else {})
 
     def run_purify(self, job: Job) -> tuple[dict, torch.nn.Module]:
         train_job = self._jobs[job.deps[0]]
@@ -202,10 +234,11 @@ class Runner:
         self.store.put(rec)
         t0 = time.perf_counter()
         try:
-            metrics, model = getattr(self, f"run_{job.kind}")(job)
-            if model is not None:
+            metrics, model, *state = getattr(self, f"run_{job.kind}")(job)
+            attack_state = state[0] if state else None
+            if model is not None or attack_state:
                 path = self.store.artifact_path(job.key)
-                save_checkpoint(model, path)
+                save_checkpoint(model, path, attack_state)
                 rec.artifact = str(path.relative_to(self.store.workdir))
                 rec.artifact_sha256 = sha256_file(path)
             rec.metrics, rec.status = metrics, "done"
