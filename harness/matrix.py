@@ -190,7 +190,7 @@ def expand(spec: MatrixSpec) -> list[Job]:
     matrix also lists with the same config is one job, not two.
     """
     jobs: dict[str, Job] = {}
-    recipe = spec.recipe.model_dump()
+    recipe = spec.recipe.payload()
     evaluators = {e.display: create("evaluator", e.name, **e.config) for e in spec.evaluators}
     needs_clean = any(ev.needs_clean_model for ev in evaluators.values())
 

@@ -36,6 +36,13 @@ class Recipe(BaseModel):
         schedule: ``cosine`` (annealed to 0 over the epochs, stepped per epoch,
             as BackdoorBench) or ``constant``.
         augment: random crop (4-pixel padding) + horizontal flip.
+        sam_rho: radius of sharpness-aware minimization (0: plain SGD). Each
+            step then takes the gradient at w + e, e the ascent step of radius
+            ``sam_rho`` (Foret et al., ICLR 2021). Paper 002's adaptive attack
+            (§4.4) trains the backdoored model this way with radii 1.0-3.0.
+        sam_adaptive: ASAM's scale-invariant ascent (Kwon et al., ICML 2021;
+            e = rho T^2 g / ||T g||, T = |w| + 0.01), the SAM variant whose
+            radii are in paper 002's 1.0-3.0 range; ``false`` is plain SAM.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -47,6 +54,16 @@ class Recipe(BaseModel):
     weight_decay: float = Field(default=5e-4, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     augment: bool = True
+    sam_rho: float = Field(default=0.0, ge=0)
+    sam_adaptive: bool = True
+
+    def payload(self) -> dict:
+        """What enters a job key: fields added after CORE_VERSION 2 only when set,
+        so existing results keep their keys."""
+        out = self.model_dump()
+        if not self.sam_rho:
+            out.pop("sam_rho"), out.pop("sam_adaptive")
+        return out
 
 
 #: Named recipes. ``backdoorbench`` is the paper-scale CIFAR-10 recipe;
@@ -122,6 +139,28 @@ class _Progress:
             sys.stderr.flush()
 
 
+@torch.no_grad()
+def sam_ascent(params: list[torch.Tensor], rho: float, adaptive: bool, eta: float = 0.01
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Move ``params`` (with gradients) to w + e, SAM's ascent point; returns
+    (params moved, e) so the caller can move them back.
+
+    SAM: e = rho g / ||g||. ASAM: e = rho T^2 g / ||T g||, T = |w| + eta. One
+    global norm over all tensors.
+    """
+    moved = [p for p in params if p.grad is not None]
+    grads = [p.grad.float() for p in moved]
+    if adaptive:
+        scale = [p.abs() + eta for p in moved]
+        norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scale, grads)))
+        e = [t * t * g * (rho / (norm + 1e-12)) for t, g in zip(scale, grads)]
+    else:
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        e = [g * (rho / (norm + 1e-12)) for g in grads]
+    torch._foreach_add_(moved, e)
+    return moved, e
+
+
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepInfo], torch.Tensor]
 
 
@@ -181,13 +220,21 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
                     xb = xb.clone()
                     xb[mb] = stamp_fn(xb[mb])
             xf = to_float(xb, cuda)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                if loss_fn is None:
-                    loss = F.cross_entropy(model(xf), yb)
-                else:
-                    loss = loss_fn(model, xf, yb, StepInfo(epoch, epoch * steps + i, num_classes, generator))
+            info = StepInfo(epoch, epoch * steps + i, num_classes, generator)
+
+            def step_loss() -> torch.Tensor:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    return F.cross_entropy(model(xf), yb) if loss_fn is None else loss_fn(model, xf, yb, info)
+
+            loss = step_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.sam_rho:
+                ascent = sam_ascent(params, recipe.sam_rho, recipe.sam_adaptive)
+                opt.zero_grad(set_to_none=True)
+                step_loss().backward()  # the gradient at w + e updates w
+                with torch.no_grad():
+                    torch._foreach_sub_(ascent[0], ascent[1])
             opt.step()
             if after_step is not None:
                 with torch.no_grad():

@@ -145,3 +145,33 @@ def test_checkpoint_keeps_model_and_attack_state_apart(tmp_path):
 def test_an_attack_without_state_refuses_state():
     with pytest.raises(NotImplementedError, match="does not load any"):
         bh.create_attack("badnets").load_state_dict({"x": torch.zeros(1)})
+
+
+def test_sam_step_takes_the_gradient_at_the_ascent_point():
+    """One SGD step with sam_rho: w <- w - lr * grad L(w + e), e = rho g / ||g|| (hand-computed)."""
+    from backdoor_harness.data import ImageSet
+    from backdoor_harness.train import Recipe, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    data = ImageSet(torch.randint(0, 256, (6, 3, 4, 4), generator=torch.Generator().manual_seed(1),
+                                  dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2]), ["a", "b", "c"])
+    x = data.images.float() / 255
+    w0 = [p.detach().clone() for p in model.parameters()]
+    params = [p.clone().requires_grad_() for p in w0]
+    loss = F.cross_entropy(torch.func.functional_call(model, {"1.weight": params[0], "1.bias": params[1]}, (x,)),
+                           data.labels)
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((gi ** 2).sum() for gi in grads))
+    at = [(p + 0.5 * gi / norm).detach().requires_grad_() for p, gi in zip(w0, grads)]
+    loss_e = F.cross_entropy(torch.func.functional_call(model, {"1.weight": at[0], "1.bias": at[1]}, (x,)),
+                             data.labels)
+    g_e = torch.autograd.grad(loss_e, at)
+    expected = [p - 0.1 * gi for p, gi in zip(w0, g_e)]
+    recipe = Recipe(epochs=1, batch_size=6, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant",
+                    augment=False, sam_rho=0.5, sam_adaptive=False)
+    fit(model, data, recipe, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0), progress=False)
+    for p, want in zip(model.parameters(), expected):
+        assert torch.allclose(p, want, atol=1e-6)
+    # rho 0 leaves the job key's recipe as it was before SAM existed
+    assert "sam_rho" not in Recipe().payload() and Recipe(sam_rho=1.0).payload()["sam_rho"] == 1.0
