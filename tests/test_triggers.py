@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import backdoor_harness as bh
+from backdoor_harness import registry
 from backdoor_harness.data import ImageSet
 
 
@@ -70,10 +71,36 @@ def test_after_augment_leaves_pixels_and_sets_stamp_fn():
     assert (p.stamp_fn(data.images[:2])[..., -3:, -3:] == 255).all()
 
 
+def ready(name, data, seed=0):
+    """The attack with its resources generated (``prepare``) at the smallest settings, as the prepare job would."""
+    from backdoor_harness.contracts import PrepareContext
+    from backdoor_harness.models import create_model
+    from backdoor_harness.train import fit
+
+    cls = registry.get_class("attack", name)
+    small = {k: 1 for k, f in cls.Config.model_fields.items()
+             if f.annotation is int and any(k == b or k.endswith("_" + b) for b in BUDGET)}
+    attack = bh.create_attack(name, **small)
+    if attack.prepares():
+        torch.manual_seed(0)
+        clean = create_model({"name": "tiny_cnn", "kwargs": {"width": 4}}, 10, 32).eval()
+        attack.prepare(PrepareContext(train=data, device=torch.device("cpu"),
+                                      generator=torch.Generator().manual_seed(seed), seed=seed,
+                                      fit=lambda *a, **k: fit(*a, **{"progress": False, **k}),
+                                      clean_model=clean if attack.prepare_needs_clean_model else None))
+        fresh = bh.create_attack(name, **small)  # what a later job sees: the state restored from the cache
+        fresh.load_state_dict(attack.state_dict())
+        attack = fresh
+    return attack
+
+
+BUDGET = ("epochs", "steps", "iterations", "iters")
+
+
 @pytest.mark.parametrize("name", bh.list_attacks())
 def test_attack_contract(name):
     data = dataset(500)
-    attack = bh.create_attack(name)
+    attack = ready(name, data)
     out = attack.apply_trigger(data.images[:8], train=False)
     assert out.shape == (8, 3, 32, 32) and out.dtype == torch.uint8
     assert torch.equal(out, attack.apply_trigger(data.images[:8], train=False))
@@ -81,9 +108,23 @@ def test_attack_contract(name):
         p = attack.poison(data, torch.Generator().manual_seed(0))
         assert int(p.poison_mask.sum()) == round(attack.config.poison_rate * len(data))
         assert p.images.dtype == torch.uint8 and p.images.shape == data.images.shape
+        # deterministic for a seed: the same samples, pixels and labels
+        q = attack.poison(data, torch.Generator().manual_seed(0))
+        assert torch.equal(p.poison_mask, q.poison_mask) and torch.equal(p.labels, q.labels)
+        assert torch.equal(p.images, q.images)
+    else:  # its training step poisons the batch itself and returns one loss
+        from backdoor_harness.contracts import StepInfo
+        from backdoor_harness.models import create_model
+
+        torch.manual_seed(0)
+        model = create_model({"name": "tiny_cnn", "kwargs": {"width": 4}}, 10, 32)
+        loss = attack.training_loss(model, data.images[:32].float() / 255, data.labels[:32],
+                                    StepInfo(0, 0, 10, torch.Generator().manual_seed(0)))
+        assert loss.ndim == 0 and torch.isfinite(loss)
     test = attack.poison_test(data)
     true = test.meta["true_labels"]
-    assert (attack.target_labels(true, 10) != true).all()
+    assert (attack.target_labels(true, 10) != true).all()  # the test trigger only on non-target images
     assert len(test) == int(attack.test_mask(data.labels, 10).sum())
+    assert test.images.dtype == torch.uint8
     # the config round-trips
     assert type(attack.config)(**attack.config.model_dump()) == attack.config
