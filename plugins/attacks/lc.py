@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from backdoor_harness import Attack, AttackConfig, hookimpl
+from backdoor_harness.contracts import PoisonedSet
 from backdoor_harness.data import ImageSet
 from backdoor_harness.errors import HarnessError
 
@@ -171,7 +172,7 @@ class LC(Attack):
             count = len(pool)
         return pool[torch.randperm(len(pool), generator=generator)[:count]]
 
-    def poison(self, train: ImageSet, generator: torch.Generator) -> "PoisonedSet":  # noqa: F821
+    def poison(self, train: ImageSet, generator: torch.Generator) -> PoisonedSet:
         """Target-class images replaced by their adversarial version, then stamped; labels unchanged."""
         if self.adv_images is None:
             raise HarnessError("lc: the adversarial images are missing; run prepare() or load_state_dict() first")
