@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -121,9 +120,7 @@ def test_contract_on_the_tiny_model():
         torch.manual_seed(seed)
         return defense.purify(model, context(model, seed=seed))
 
-    t0 = time.perf_counter()
     out = run(0)
-    assert time.perf_counter() - t0 < 10
     x = torch.rand(4, 3, 32, 32)
     assert out(x).shape == model(x).shape == (4, 10)
     assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())  # input untouched
