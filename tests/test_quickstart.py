@@ -8,6 +8,7 @@ clean accuracy is well above chance (10%).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def quickstart(tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("quickstart")
     cli = [sys.executable, "-m", "backdoor_harness.cli"]
+    # the quickstart runs as users run it: every core (make test pins the unit tests to one thread)
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     subprocess.run(cli + ["run", str(ROOT / "configs" / "quickstart.yaml"), "--workdir", str(workdir),
-                          "--no-progress"], check=True, cwd=ROOT)
+                          "--no-progress"], check=True, cwd=ROOT, env=env)
     out = subprocess.run(cli + ["leaderboard", "--workdir", str(workdir), "--format", "json"], check=True,
                          capture_output=True, text=True, cwd=ROOT).stdout
     return {(c["attack"], c["defense"]): c["metrics"] for c in json.loads(out)}
