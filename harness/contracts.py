@@ -7,6 +7,7 @@ is a layer inside the model, see :mod:`backdoor_harness.models`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
@@ -110,6 +111,8 @@ class Attack(Plugin):
     kind = "attack"
     Config = AttackConfig
     training_controlled: ClassVar[bool] = False
+    #: poisons only target-class samples and keeps their labels (SIG, LC); see :meth:`select_poison`
+    clean_label: ClassVar[bool] = False
 
     # -- the trigger ---------------------------------------------------------
 
@@ -129,10 +132,21 @@ class Attack(Plugin):
     # -- poisoning the training set -----------------------------------------
 
     def select_poison(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Indices to poison: ``round(rate * N)`` drawn uniformly from all samples."""
+        """Indices to poison: ``round(rate * N)`` drawn uniformly from all samples, or, for a
+        ``clean_label`` attack, from the target class only (all of it, with a warning naming the
+        rate reached, when the class is too small)."""
         n = len(labels)
         count = round(self.config.poison_rate * n)
-        return torch.randperm(n, generator=generator)[:count]
+        if not self.clean_label:
+            return torch.randperm(n, generator=generator)[:count]
+        pool = (labels == self.config.target).nonzero().flatten()
+        if count > len(pool):
+            warnings.warn(
+                f"{self.name}: poison_rate {self.config.poison_rate} asks for {count} images but the target class "
+                f"{self.config.target} has only {len(pool)}; poisoning all of them "
+                f"(poison rate reached: {len(pool) / max(n, 1):.4f})", UserWarning, stacklevel=2)
+            count = len(pool)
+        return pool[torch.randperm(len(pool), generator=generator)[:count]]
 
     def stamped(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> PoisonedSet:
         """``images`` with the training trigger on the samples ``index``, stamped

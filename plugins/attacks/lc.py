@@ -55,7 +55,6 @@ Departures:
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +92,7 @@ class LC(Attack):
     summary = "clean-label: PGD (eps 16/255) on target-class images + 3x3 checkerboards in the four corners"
     paper = "Turner, Tsipras, Madry, Label-Consistent Backdoor Attacks, arXiv:1912.02771, 2019"
     Config = LCConfig
+    clean_label = True
     prepare_needs_clean_model = True
 
     def __init__(self, *a, **k):
@@ -157,20 +157,7 @@ class LC(Attack):
         self.adv_images = state["adv_images"].to(torch.uint8)
         self.adv_index = state["adv_index"].to(torch.int64)
 
-    # -- poisoning -------------------------------------------------------------------
-
-    def select_poison(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``round(rate * N)`` indices drawn uniformly from the target class (all of it if too small)."""
-        n = len(labels)
-        count = round(self.config.poison_rate * n)
-        pool = (labels == self.config.target).nonzero().flatten()
-        if count > len(pool):
-            warnings.warn(
-                f"lc: poison_rate {self.config.poison_rate} asks for {count} images but the target class "
-                f"{self.config.target} has only {len(pool)}; poisoning all of them "
-                f"(poison rate reached: {len(pool) / max(n, 1):.4f})", UserWarning, stacklevel=2)
-            count = len(pool)
-        return pool[torch.randperm(len(pool), generator=generator)[:count]]
+    # -- poisoning (clean_label: Attack.select_poison draws from the target class) ----------
 
     def poison(self, train: ImageSet, generator: torch.Generator) -> PoisonedSet:
         """Target-class images replaced by their adversarial version, then stamped; labels unchanged."""

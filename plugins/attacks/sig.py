@@ -35,7 +35,6 @@ Departures:
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from pydantic import Field
@@ -62,6 +61,7 @@ class SIG(Attack):
     paper = "Barni, Kallas, Tondi, A New Backdoor Attack in CNNs by Training Set Corruption Without Label " \
             "Poisoning, ICIP 2019"
     Config = SIGConfig
+    clean_label = True
 
     def signal(self, width: int, delta: float | None = None) -> torch.Tensor:
         """The row profile ``delta * sin(2 pi j f / W)``, float64 ``[W]``."""
@@ -74,18 +74,6 @@ class SIG(Attack):
         v = self.signal(images.shape[-1], delta).to(images.device, torch.float32)
         return (images.float() + v).round_().clamp_(0, 255).to(torch.uint8)
 
-    def select_poison(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``round(rate * N)`` indices drawn uniformly from the target class (all of it if too small)."""
-        n = len(labels)
-        count = round(self.config.poison_rate * n)
-        pool = (labels == self.config.target).nonzero().flatten()
-        if count > len(pool):
-            warnings.warn(
-                f"sig: poison_rate {self.config.poison_rate} asks for {count} images but the target class "
-                f"{self.config.target} has only {len(pool)}; poisoning all of them "
-                f"(poison rate reached: {len(pool) / max(n, 1):.4f})", UserWarning, stacklevel=2)
-            count = len(pool)
-        return pool[torch.randperm(len(pool), generator=generator)[:count]]
 
 
 @hookimpl
