@@ -7,8 +7,8 @@ hooks of :mod:`backdoor_harness.hookspecs` with ``@hookimpl``.
 
 __version__ = "0.1.0"
 
-from .contracts import (Attack, AttackConfig, Defense, DefenseContext, EvalContext, Evaluator, Metric,
-                        PluginConfig, PoisonedSet, PrepareContext, StepInfo)
+from .contracts import (AllToAllConfig, Attack, AttackConfig, Defense, DefenseContext, EvalContext, Evaluator,
+                        Metric, PluginConfig, PoisonedSet, PrepareContext, StepInfo)
 from .data import DatasetSource, ImageSet
 from .errors import HarnessError
 from .hookspecs import hookimpl
@@ -16,8 +16,8 @@ from .registry import (create_attack, create_dataset, create_defense, create_eva
                        list_attacks, list_datasets, list_defenses, list_evaluators)
 
 __all__ = [
-    "Attack", "AttackConfig", "DatasetSource", "Defense", "DefenseContext", "EvalContext", "Evaluator",
-    "HarnessError", "ImageSet", "Metric", "PluginConfig", "PoisonedSet", "PrepareContext", "StepInfo", "create_attack",
-    "create_dataset", "create_defense", "create_evaluator", "get_plugin_manager", "hookimpl", "list_attacks",
+    "AllToAllConfig", "Attack", "AttackConfig", "DatasetSource", "Defense", "DefenseContext", "EvalContext",
+    "Evaluator", "HarnessError", "ImageSet", "Metric", "PluginConfig", "PoisonedSet", "PrepareContext", "StepInfo",
+    "create_attack", "create_dataset", "create_defense", "create_evaluator", "get_plugin_manager", "hookimpl", "list_attacks",
     "list_datasets", "list_defenses", "list_evaluators", "__version__",
 ]

@@ -98,6 +98,18 @@ class AttackConfig(PluginConfig):
     stamp: Literal["before_augment", "after_augment"] = "before_augment"
 
 
+class AllToAllConfig(AttackConfig):
+    """For attacks whose paper defines an all-to-all variant.
+
+    Attributes:
+        mode: ``all2one`` (every triggered image -> ``target``) or ``all2all``
+            (class c -> (c + 1) mod C, the BadNets paper's all-to-all attack;
+            ``target`` is then unused and every test image counts for ASR).
+    """
+
+    mode: Literal["all2one", "all2all"] = "all2one"
+
+
 class Attack(Plugin):
     """A backdoor attack.
 
@@ -121,7 +133,11 @@ class Attack(Plugin):
         raise NotImplementedError
 
     def target_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """The label a triggered image should be classified as (all-to-one)."""
+        """The label a triggered image should be classified as: ``target``
+        (all-to-one), or ``(c + 1) mod C`` when the config (an
+        :class:`AllToAllConfig`) says ``mode: all2all``."""
+        if getattr(self.config, "mode", "all2one") == "all2all":
+            return (labels + 1) % num_classes
         return torch.full_like(labels, self.config.target)
 
     def test_mask(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

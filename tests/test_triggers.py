@@ -30,10 +30,20 @@ def test_badnets_changes_exactly_the_3x3x3_patch():
     assert (out[..., 29:, 29:] == 255).all()
 
 
-def test_badnets_all2all_targets():
-    attack = bh.create_attack("badnets", mode="all2all")
+ALL2ALL = [n for n in bh.list_attacks() if issubclass(registry.get_class("attack", n).Config, bh.AllToAllConfig)]
+
+
+def test_all2all_where_the_papers_define_it():
+    assert {"badnets", "wanet", "inputaware", "bpp"} <= set(ALL2ALL)
+    assert not {"sig", "lc"} & set(ALL2ALL)  # clean-label: the label is the true one by definition
+
+
+@pytest.mark.parametrize("name", ALL2ALL)
+def test_all2all_targets(name):
+    attack = bh.create_attack(name, mode="all2all")
     assert attack.target_labels(torch.tensor([0, 3, 9]), 10).tolist() == [1, 4, 0]
     assert attack.test_mask(torch.arange(10), 10).all()  # every image is poisoned at test time
+    assert bh.create_attack(name).target_labels(torch.tensor([0, 3, 9]), 10).tolist() == [0, 0, 0]
 
 
 def test_blended_is_the_stated_convex_combination():

@@ -13,24 +13,21 @@ training set (target-class images included), as BackdoorBench does.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
+from backdoor_harness import AllToAllConfig, Attack, hookimpl
 
 
-class BadNetsConfig(AttackConfig):
+class BadNetsConfig(AllToAllConfig):
     """Attributes:
         patch_size: side of the square patch, in pixels.
         value: the patch's pixel value (0-255).
-        mode: ``all2one`` (every triggered image -> ``target``) or ``all2all`` (c -> c+1 mod C).
+        mode: ``all2one`` or ``all2all`` (see :class:`AllToAllConfig`).
     """
 
     patch_size: int = Field(default=3, gt=0)
     value: int = Field(default=255, ge=0, le=255)
-    mode: Literal["all2one", "all2all"] = "all2one"
 
 
 class BadNets(Attack):
@@ -45,11 +42,6 @@ class BadNets(Attack):
         out = images.clone()
         out[..., -p:, -p:] = self.config.value
         return out
-
-    def target_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        if self.config.mode == "all2all":
-            return (labels + 1) % num_classes
-        return super().target_labels(labels, num_classes)
 
 
 @hookimpl

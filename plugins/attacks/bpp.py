@@ -34,7 +34,8 @@ Neither uses gradient-based adversarial examples for the negatives.
 
 Defaults are BackdoorBench's CIFAR-10 ones (``config/attack/bpp/default.yaml``:
 ``squeeze_num 8``, ``neg_ratio 0.1``, ``dithering False``, ``pratio 0.1``,
-target 0; conventions.md §2.8).
+target 0; conventions.md §2.8). ``mode: all2all`` (class c -> c + 1) is the
+``attack_mode all2all`` of the authors' code (built on WaNet's).
 
 Departures:
     - Counts are ``round(rate * B)`` (the harness's convention); BackdoorBench
@@ -59,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
+from backdoor_harness import AllToAllConfig, Attack, hookimpl
 
 
 def squeeze(x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -76,7 +77,7 @@ def batch_count(rate: float, batch: int, generator: torch.Generator) -> int:
     return int(bool(torch.rand((), generator=generator) < expected))
 
 
-class BppConfig(AttackConfig):
+class BppConfig(AllToAllConfig):
     """Attributes:
         squeeze_num: number of levels per channel after squeezing (256 = no change).
         neg_ratio: fraction of each batch turned into negative (contrastive) samples.

@@ -53,7 +53,8 @@ mask generator's epochs), ``pratio 0.1``, target 0, scheduler milestones as
 above. BackdoorBench sets ``num_cross = num_bd`` (``cross_ratio 1``), which is
 the paper's ``p_attack = p_cross = 0.1``. Adam betas (0.5, 0.9) and the
 1e-7 epsilon are the original code's. The classifier's lr (``lr_C``) is the
-harness recipe's.
+harness recipe's. ``mode: all2all`` (class c -> c + 1) is the paper's
+all-to-all attack.
 
 Departures:
     - The mask generator is trained jointly with the classifier (one step on
@@ -97,7 +98,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
+from backdoor_harness import AllToAllConfig, Attack, hookimpl
 
 EPSILON = 1e-7
 
@@ -158,7 +159,7 @@ def seeded_init(module: nn.Module, generator: torch.Generator) -> None:
                 m.bias.zero_()
 
 
-class InputAwareConfig(AttackConfig):
+class InputAwareConfig(AllToAllConfig):
     """Attributes:
         lr_G: Adam learning rate of the pattern generator.
         lr_M: Adam learning rate of the mask generator.

@@ -25,7 +25,8 @@ Algorithm (training-controlled: the attacker runs the training loop):
 
 Defaults are BackdoorBench's CIFAR-10 ones (``config/attack/wanet/default.yaml``:
 ``k 4``, ``s 0.5``, ``grid_rescale 1``, ``cross_ratio 2``, ``pratio 0.1``,
-target 0; conventions.md §2.8), which are also the paper's.
+target 0; conventions.md §2.8), which are also the paper's. ``mode: all2all``
+(class c -> c + 1) is the paper's all-to-all attack.
 
 How small the warp is: bicubic interpolation (PyTorch's ``a = -0.75``) at
 fraction ``t`` weights the four control points with absolute sum
@@ -57,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
+from backdoor_harness import AllToAllConfig, Attack, hookimpl
 
 #: Bound on the absolute weight sum of PyTorch's bicubic kernel (a = -0.75), per axis.
 BICUBIC_GAIN = 1.375
@@ -71,7 +72,7 @@ def batch_count(rate: float, batch: int, generator: torch.Generator) -> int:
     return int(bool(torch.rand((), generator=generator) < expected))
 
 
-class WaNetConfig(AttackConfig):
+class WaNetConfig(AllToAllConfig):
     """Attributes:
         k: side of the control grid.
         s: strength of the warp.
