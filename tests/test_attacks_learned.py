@@ -1,0 +1,52 @@
+"""Every attack's backdoor is learned at the quickstart scale (slow: ``--runslow``).
+
+Each attack of ``configs/attacks-cpu.yaml`` (the matrix behind the README's
+attack table: CIFAR-10 1,000 images/class, tiny_cnn, recipe cpu-quick) runs
+alone in a fresh work directory. The claim checked is the issue's: the
+undefended attacked model's ASR is well above the clean reference model's
+rate of sending the same triggered images to the target (``clean_asr``),
+and clean accuracy stays far above chance. The margins are below every
+measured value in the README table, so they hold across seeds and thread
+counts; they are not the measured values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import backdoor_harness as bh
+from backdoor_harness.leaderboard.render import collect
+from backdoor_harness.matrix import load_matrix
+from backdoor_harness.runner import run_matrix
+from backdoor_harness.store import Store
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "attacks-cpu.yaml"
+SPEC = load_matrix(CONFIG)
+ENTRIES = {ref.display: ref for ref in SPEC.attacks}
+
+#: ASR must exceed the clean model's by this much (absolute) ...
+MARGIN = 0.25
+#: ... and clean accuracy must stay above this (chance is 0.10)
+MIN_CLEAN_ACC = 0.35
+
+
+def test_the_attack_table_covers_every_registered_attack():
+    assert set(bh.list_attacks()) <= {ref.name for ref in SPEC.attacks}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", sorted(ENTRIES))
+def test_backdoor_is_learned(label, tmp_path):
+    spec = SPEC.model_copy(update={"attacks": [ENTRIES[label]]})
+    counts = run_matrix(spec, tmp_path, progress=False, log=lambda *a, **k: None)
+    assert counts["failed"] == 0 and counts["blocked"] == 0, counts
+    store = Store(tmp_path)
+    try:
+        (cell,) = collect(store.records())
+    finally:
+        store.close()
+    m = cell["metrics"]
+    assert m["asr"] >= m["clean_asr"] + MARGIN, m
+    assert m["clean_acc"] >= MIN_CLEAN_ACC, m
