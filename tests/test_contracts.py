@@ -11,23 +11,9 @@ import torch.nn.functional as F
 
 import backdoor_harness as bh
 from backdoor_harness import registry
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
 from backdoor_harness.models import create_model, model_family
-from backdoor_harness.train import fit
 
-CLASSES = [str(i) for i in range(10)]
-
-
-def synthetic(n: int = 200, seed: int = 0) -> ImageSet:
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
-                    torch.arange(n) % 10, CLASSES)
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
+from helpers import context, noise_set, state, tiny
 
 BUDGET = ("epochs", "rounds", "iterations", "iters", "steps")
 
@@ -42,17 +28,13 @@ def quick_config(name: str) -> dict:
 
 @pytest.mark.parametrize("name", bh.list_defenses())
 def test_defense_contract(name):
-    torch.manual_seed(0)
-    model = create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
+    model = tiny()
     given = state(model)
     attack = bh.create_attack("badnets", stamp="after_augment")
     defense = bh.create_defense(name, **quick_config(name))
 
     def run(seed):
-        ctx = DefenseContext(reserve=synthetic(), num_classes=10, device=torch.device("cpu"),
-                             generator=torch.Generator().manual_seed(seed), seed=seed, family=model_family(model),
-                             fit=lambda *a, **k: fit(*a, **{"progress": False, **k}),
-                             attack=attack if "oracle_trigger" in defense.needs else None)
+        ctx = context(model, noise_set(200), seed, attack=attack if "oracle_trigger" in defense.needs else None)
         torch.manual_seed(seed)
         return defense.purify(model, ctx)
 
@@ -96,10 +78,7 @@ def test_defense_runs_on_every_family_it_declares(name, spec):
         assert family == "vision_transformer", f"{name} must support {family}"
         pytest.skip(f"{name} does not declare ViT support")
     attack = bh.create_attack("badnets")
-    ctx = DefenseContext(reserve=synthetic(40), num_classes=10, device=torch.device("cpu"),
-                         generator=torch.Generator().manual_seed(0), seed=0, family=family,
-                         fit=lambda *a, **k: fit(*a, **{"progress": False, **k}),
-                         attack=attack if "oracle_trigger" in defense.needs else None)
+    ctx = context(model, noise_set(40), attack=attack if "oracle_trigger" in defense.needs else None)
     out = defense.purify(model, ctx)
     x = torch.rand(2, 3, 32, 32)
     assert out(x).shape == (2, 10)

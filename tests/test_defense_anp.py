@@ -8,23 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
 from backdoor_harness.layers import norm_layers
 from backdoor_harness.models import create_model, model_family
 from backdoor_harness.plugins.defenses.anp import ANP, PerturbedBatchNorm, optimize_masks, prune_neurons
-from backdoor_harness.train import fit, random_crop_flip
+from backdoor_harness.train import random_crop_flip
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
+import helpers
+from helpers import CPU, context, noise_set, state
+
 #: a few steps with a large mask lr, so that masks reach both ends of [0, 1] and some fall below 0.2
 QUICK = dict(iterations=2, batch_size=16, lr=30.0)
 
 
 def tiny(seed=0):
     """The tiny model with random BN shifts (as after training; at init they are 0 and xi has no gradient)."""
-    torch.manual_seed(seed)
-    model = create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
+    model = helpers.tiny(seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, bn in norm_layers(model):
@@ -32,25 +30,8 @@ def tiny(seed=0):
     return model
 
 
-def noise_set(n=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
-
-
-def context(model, reserve=None, seed=0):
-    reserve = reserve if reserve is not None else noise_set(seed=seed)
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=lambda *a, **k: fit(*a, **{"progress": False, **k}))
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_one_iteration_equals_a_hand_computation():
-    model, data = tiny(), noise_set()
+    model, data = tiny(), noise_set(40)
     eps, alpha, lr = 0.4, 0.2, 0.2
     cfg = ANP.Config(iterations=1, batch_size=16, eps=eps, alpha=alpha, lr=lr, momentum=0.9)
     got = optimize_masks(model, data.images, data.labels, cfg, CPU, torch.Generator().manual_seed(3))
@@ -85,7 +66,7 @@ def test_one_iteration_equals_a_hand_computation():
 
 
 def test_masks_stay_in_unit_interval_and_perturbations_within_eps():
-    model, data = tiny(), noise_set()
+    model, data = tiny(), noise_set(40)
     cfg = ANP.Config(**{**QUICK, "eps": 0.3})  # a huge lr: unclipped masks would leave [0, 1]
     got = optimize_masks(model, data.images, data.labels, cfg, CPU, torch.Generator().manual_seed(0))
     masks = torch.cat(list(got.masks.values()))
@@ -100,7 +81,7 @@ def test_masks_stay_in_unit_interval_and_perturbations_within_eps():
 
 
 def test_eps_zero_uses_the_natural_loss_only():
-    model, data = tiny(), noise_set()
+    model, data = tiny(), noise_set(40)
     got = optimize_masks(model, data.images, data.labels, ANP.Config(**{**QUICK, "eps": 0.0}), CPU,
                          torch.Generator().manual_seed(0))
     assert all(not t.any() for t in list(got.delta.values()) + list(got.xi.values()))
@@ -133,8 +114,8 @@ def test_pruning_zeroes_exactly_the_neurons_below_threshold():
 def test_purify_prunes_where_the_masks_end_low():
     model = tiny()
     defense = ANP(ANP.Config(**QUICK, threshold=0.5))
-    found = defense.optimize_masks(model, context(model))
-    out = defense.purify(model, context(model))  # the same seed: the same masks
+    found = defense.optimize_masks(model, context(model, n=40))
+    out = defense.purify(model, context(model, n=40))  # the same seed: the same masks
     pruned = 0
     for (name, bn), (_, bn0) in zip(norm_layers(out), norm_layers(model)):
         cut = found.masks[name] < 0.5
@@ -147,7 +128,7 @@ def test_purify_prunes_where_the_masks_end_low():
 
 def test_threshold_zero_prunes_nothing():
     model = tiny()
-    out = ANP(ANP.Config(**QUICK, threshold=0.0)).purify(model, context(model))
+    out = ANP(ANP.Config(**QUICK, threshold=0.0)).purify(model, context(model, n=40))
     assert all(torch.equal(v, out.state_dict()[k]) for k, v in model.state_dict().items())
 
 
@@ -155,13 +136,13 @@ def test_contract_on_the_tiny_model():
     model = tiny()
     given = state(model)
     defense = ANP(ANP.Config(**QUICK))
-    out = defense.purify(model, context(model, seed=0))
+    out = defense.purify(model, context(model, n=40, seed=0))
     x = torch.rand(4, 3, 32, 32)
     assert out(x).shape == (4, 10) and not out.training
     assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())  # input untouched
-    again = defense.purify(model, context(model, seed=0))
+    again = defense.purify(model, context(model, n=40, seed=0))
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())  # deterministic
-    other = defense.purify(model, context(model, seed=1))
+    other = defense.purify(model, context(model, n=40, seed=1))
     assert not all(torch.equal(v, other.state_dict()[k]) for k, v in out.state_dict().items())
     tiny(1).load_state_dict(out.state_dict())  # no added modules, buffers or parameters
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in out.modules())
@@ -186,4 +167,4 @@ def test_needs_batchnorm():
                         "adapt_stem": False}, 10, 32)
     assert not ANP().supports(model_family(vit))
     with pytest.raises(HarnessError, match="BatchNorm"):
-        ANP(ANP.Config(iterations=1, batch_size=4)).purify(vit, context(vit))
+        ANP(ANP.Config(iterations=1, batch_size=4)).purify(vit, context(vit, n=40))

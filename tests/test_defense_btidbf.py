@@ -8,45 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
 from backdoor_harness.layers import features, head
-from backdoor_harness.models import create_model, model_family
+from backdoor_harness.models import create_model
 from backdoor_harness.plugins.defenses.btidbf import (BTIDBF, BTIDBFConfig, TriggerGenerator,
                                                         decouple_benign_features, invert_triggers, mix_inverted)
 from backdoor_harness.train import Recipe, fit
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
+from helpers import CPU, context, learnable_set, noise_set, tiny
+
 #: the smallest settings that exercise every step
 QUICK = dict(rounds=2, epochs=1, mask_epochs=1, generator_epochs=2, generator_width=4, batch_size=64)
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def noise_set(n=200, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
-
-
-def learnable_set(n, seed):
-    """Each class a fixed coarse colour pattern plus noise: the tiny model learns it in a few epochs."""
-    protos = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = 0.6 * F.interpolate(protos[y], size=32, mode="nearest") + 0.4 * torch.rand(n, 3, 32, 32, generator=g)
-    return ImageSet((x * 255).round().to(torch.uint8), y, CLASSES)
-
-
-def context(model, reserve=None, seed=0):
-    reserve = reserve if reserve is not None else noise_set(seed=seed)
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=lambda *a, **k: fit(*a, **{"progress": False, **k}))
 
 
 def normalised_mse(gen, x, gx):
@@ -70,7 +41,7 @@ def test_generator_respects_the_norm_bound_per_image():
 
 def test_trained_generator_moves_but_stays_within_the_bound():
     model = tiny()
-    reserve = noise_set()
+    reserve = noise_set(200)
     cfg = BTIDBFConfig(mask_epochs=1, generator_epochs=6, generator_width=4, batch_size=64, norm_bound=0.1)
     gen = invert_triggers(model, reserve, cfg, context(model, reserve))
     # the same generator before training (the inverter builds it first, from the cell's generator)
@@ -121,7 +92,7 @@ def test_mix_replaces_ten_percent_plus_one():
 
 def test_inversion_is_deterministic_for_a_seed():
     model = tiny()
-    reserve = noise_set()
+    reserve = noise_set(200)
     cfg = BTIDBFConfig(mask_epochs=2, generator_epochs=2, generator_width=4, batch_size=64)
 
     def run(seed):
@@ -141,7 +112,7 @@ def test_contract_on_the_tiny_model():
 
     def run(seed):
         torch.manual_seed(seed)
-        return defense.purify(model, context(model, seed=seed))
+        return defense.purify(model, context(model, n=200, seed=seed))
 
     out = run(0)
     x = torch.rand(4, 3, 32, 32)

@@ -9,33 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from backdoor_harness.contracts import DefenseContext
 from backdoor_harness.data import ImageSet
 from backdoor_harness.errors import HarnessError
 from backdoor_harness.layers import conv_norm_pairs, unwrap
-from backdoor_harness.models import create_model, model_family
+from backdoor_harness.models import create_model
 from backdoor_harness.plugins.defenses.clp import CLP, channel_lipschitz, clp_prune, outlying_channels
-from backdoor_harness.train import fit
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def context(model, reserve, seed=0, fit_fn=None):
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=fit_fn or (lambda *a, **k: fit(*a, **{"progress": False, **k})))
-
-
-def noise_set(n=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
+from helpers import CLASSES, context, noise_set, tiny
 
 
 # --------------------------------------------------------------------------

@@ -11,35 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import backdoor_harness as bh
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
-from backdoor_harness.models import classifier, create_model, model_family
+from backdoor_harness.models import classifier, create_model
 from backdoor_harness.plugins.defenses.d3 import D3, d3_objective, select_layers, warm_up, weight_distance
-from backdoor_harness.train import fit, random_crop_flip
+from backdoor_harness.train import random_crop_flip
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
+from helpers import context, noise_set, tiny
+
 QUICK = dict(epochs=2, batch_size=32)  # 4 steps on 64 images
-
-
-def tiny(seed=5):
-    # not seed 0: torch.rand from a generator seeded 0 replays the global stream that initialised
-    # the first conv (kaiming-uniform), so the "random" warm-up would hand that conv its own weights back
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def noise_set(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
-
-
-def context(model, reserve=None, seed=0):
-    reserve = reserve if reserve is not None else noise_set(seed=seed)
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=lambda *a, **k: fit(*a, **{"progress": False, **k}))
+#: the tiny model's seed, not 0: torch.rand from a generator seeded 0 replays the global stream that initialised
+#: the first conv (kaiming-uniform), so the "random" warm-up would hand that conv its own weights back
+SEED = 5
 
 
 def frobenius(t: torch.Tensor) -> float:
@@ -77,7 +58,7 @@ def test_distance_is_a_sum_of_plain_frobenius_norms():
 
 
 def test_warm_up_modes_do_what_they_say():
-    model = tiny()
+    model = tiny(SEED)
     weights = [m.weight.detach().clone() for m in select_layers(model, "all")]
     norms = [frobenius(w) for w in weights]
 
@@ -111,7 +92,7 @@ def test_warm_up_modes_do_what_they_say():
 
 
 def test_layer_selection():
-    model = tiny()
+    model = tiny(SEED)
     assert select_layers(model, "head") == [classifier(model)]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert select_layers(model, "all") == convs + [classifier(model)]
@@ -143,8 +124,8 @@ def test_config_defaults_and_validation():
 @pytest.fixture(scope="module")
 def purified():
     """layers -> (backdoored, purified) with the code's lambda 0.5, two short epochs at lr 0.05."""
-    model = tiny()
-    return {layers: (model, D3(lmd=0.5, layers=layers, lr=0.05, **QUICK).purify(model, context(model)))
+    model = tiny(SEED)
+    return {layers: (model, D3(lmd=0.5, layers=layers, lr=0.05, **QUICK).purify(model, context(model, n=64)))
             for layers in ("head", "all")}
 
 
@@ -179,7 +160,7 @@ def test_non_selected_layers_are_trained_too(purified):
 
 def test_first_step_equals_a_hand_computation():
     """One step of purify (far warm-up, momentum 0, one batch) = the hand-made projected SGD step."""
-    model, data, lr, lmd, eps = tiny(), noise_set(32), 0.05, 10.0, 0.1
+    model, data, lr, lmd, eps = tiny(SEED), noise_set(32), 0.05, 10.0, 0.1
     out = D3(lmd=lmd, eps=eps, warm_up="far", epochs=1, batch_size=32, lr=lr, momentum=0.0).purify(
         model, context(model, data))
 
@@ -206,7 +187,7 @@ def test_first_step_equals_a_hand_computation():
 
 
 def test_contract_on_the_tiny_model_and_the_small_vit():
-    model, data = tiny(), noise_set(32)
+    model, data = tiny(SEED), noise_set(32)
     given = {k: v.clone() for k, v in model.state_dict().items()}
     defense = D3(epochs=1, batch_size=32)
     out = defense.purify(model, context(model, data))

@@ -11,36 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
 from backdoor_harness.errors import HarnessError
 from backdoor_harness.layers import features, head, norm_layers
-from backdoor_harness.models import classifier, create_model, model_family
+from backdoor_harness.models import classifier, create_model
 from backdoor_harness.plugins.defenses.fp import (ChannelPrune, FinePruning, channel_activations, head_input_layer,
                                                   prune_counts, search_prune_count)
 from backdoor_harness.train import Recipe, fit
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def noise_set(n=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
-
-
-def context(model, reserve=None, seed=0, fit_fn=None):
-    return DefenseContext(reserve=reserve if reserve is not None else noise_set(seed=seed), num_classes=10,
-                          device=CPU, generator=torch.Generator().manual_seed(seed), seed=seed,
-                          family=model_family(model),
-                          fit=fit_fn or (lambda *a, **k: fit(*a, **{"progress": False, **k})))
-
+from helpers import CPU, context, noise_set, tiny
 
 #: the hand-built last-layer biases: channel k of the feature map is the constant relu(B[k])
 B = torch.tensor([(k * 37) % 64 / 10.0 - 0.55 for k in range(64)])  # a permutation, six values below 0

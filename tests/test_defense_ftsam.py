@@ -8,40 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
 from backdoor_harness.models import create_model, model_family
 from backdoor_harness.plugins.defenses.ftsam import FTSAM, SharpnessAwareLoss, smoothed_cross_entropy
 from backdoor_harness.train import Recipe, fit
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
+from helpers import CPU, context, noise_set, one_step, tiny
+
 QUICK = dict(epochs=1, batch_size=16)
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def noise_set(n=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
-
-
-def context(model, reserve=None, seed=0):
-    reserve = reserve if reserve is not None else noise_set(seed=seed)
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=lambda *a, **k: fit(*a, **{"progress": False, **k}))
-
-
-def one_step(model, data, loss_fn, lr):
-    """One plain SGD step (momentum 0, no weight decay) through the harness's trainer."""
-    recipe = Recipe(epochs=1, batch_size=len(data), lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
-                    augment=False)
-    fit(model, data, recipe, device=CPU, generator=torch.Generator().manual_seed(0), loss_fn=loss_fn, progress=False)
 
 
 def test_smoothed_cross_entropy_matches_its_definition():
@@ -134,7 +107,7 @@ def test_contract_on_the_tiny_model():
 
     def run(seed):
         torch.manual_seed(seed)
-        return defense.purify(model, context(model, seed=seed))
+        return defense.purify(model, context(model, n=32, seed=seed))
 
     out = run(0)
     x = torch.rand(4, 3, 32, 32)

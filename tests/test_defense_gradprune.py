@@ -10,20 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import backdoor_harness as bh
-from backdoor_harness.contracts import DefenseContext
 from backdoor_harness.data import ImageSet
-from backdoor_harness.models import create_model, model_family
 from backdoor_harness.plugins.defenses.gradprune import (FilterMask, GradPrune, feature_convs, filter_scores,
                                                          prune_loop, select_filter)
-from backdoor_harness.train import fit
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
+from helpers import CLASSES, CPU, context, tiny
 
 
 def colour_set(n=40, seed=0, size=8):
@@ -33,12 +24,6 @@ def colour_set(n=40, seed=0, size=8):
     base = (labels * 25).view(-1, 1, 1, 1).float()
     noise = torch.randint(-20, 21, (n, 3, size, size), generator=g).float()
     return ImageSet((base + noise).clamp(0, 255).to(torch.uint8), labels, CLASSES)
-
-
-def context(model, reserve, seed=0, attack=None):
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=lambda *a, **k: fit(*a, **{"progress": False, **k}), attack=attack)
 
 
 # --------------------------------------------------------------------------

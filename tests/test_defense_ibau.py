@@ -12,34 +12,13 @@ import torch.nn.functional as F
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
 from backdoor_harness.models import create_model, model_family
 from backdoor_harness.plugins.defenses.ibau import (IBAU, hypergradient, inner_loss, maximize_perturbation,
                                                     outer_loss, project_l2)
-from backdoor_harness.train import fit
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
+from helpers import CPU, context, noise_set, tiny
+
 QUICK = dict(rounds=1, fixed_point_iters=2, batch_size=16, patch_fraction=0.25)
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def noise_set(n=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
-
-
-def context(model, reserve=None, seed=0):
-    reserve = reserve if reserve is not None else noise_set(seed=seed)
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=lambda *a, **k: fit(*a, **{"progress": False, **k}))
 
 
 def floats(data):
@@ -165,7 +144,7 @@ def test_contract_on_the_tiny_model():
 
     def run(seed):
         torch.manual_seed(seed)
-        return defense.purify(model, context(model, seed=seed))
+        return defense.purify(model, context(model, n=32, seed=seed))
 
     out = run(0)
     x = torch.rand(4, 3, 32, 32)

@@ -8,28 +8,15 @@ import math
 import pytest
 import torch
 
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
-from backdoor_harness.models import create_model, model_family
+from backdoor_harness.models import create_model
 from backdoor_harness.plugins.defenses.nad import (FEATURES, NAD, AttentionDistillationLoss, StageTaps,
                                                      attention_loss, attention_map, resolution_stages,
                                                      stage_modules)
 from backdoor_harness.train import Recipe, fit
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
+from helpers import CPU, context, noise_set, tiny
+
 QUICK = dict(teacher_epochs=1, epochs=1, batch_size=32)
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def noise_set(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
 
 
 class FitRecorder:
@@ -41,13 +28,6 @@ class FitRecorder:
     def __call__(self, model, data, recipe, **kw):
         self.calls.append((model, recipe, kw.get("loss_fn"), {k: v.clone() for k, v in model.state_dict().items()}))
         return fit(model, data, recipe, **{"progress": False, **kw})
-
-
-def context(model, reserve=None, seed=0, fit_fn=None):
-    reserve = reserve if reserve is not None else noise_set(seed=seed)
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=fit_fn or (lambda *a, **k: fit(*a, **{"progress": False, **k})))
 
 
 def test_attention_map_by_hand():
@@ -106,7 +86,7 @@ def test_teacher_is_fine_tuned_and_the_student_distils_from_it():
     given = {k: v.clone() for k, v in model.state_dict().items()}
     recorder = FitRecorder()
     defense = NAD(NAD.Config(**QUICK, teacher_lr=0.05, lr=0.02))
-    out = defense.purify(model, context(model, fit_fn=recorder))
+    out = defense.purify(model, context(model, n=64, fit_fn=recorder))
     assert len(recorder.calls) == 2
     teacher, t_recipe, t_loss, t_start = recorder.calls[0]
     student, s_recipe, s_loss, s_start = recorder.calls[1]
@@ -141,7 +121,7 @@ def distil(model, teacher, betas, data):
 
 
 def test_zero_betas_is_plain_fine_tuning_and_betas_pull_attention_to_the_teacher():
-    model, data = tiny(), noise_set()
+    model, data = tiny(), noise_set(64)
     teacher = tiny(7)  # any network with the same stages
     plain = copy.deepcopy(model)
     fit(plain, data, STEPS, device=CPU, generator=torch.Generator().manual_seed(5), progress=False)
@@ -161,9 +141,9 @@ def test_zero_betas_is_plain_fine_tuning_and_betas_pull_attention_to_the_teacher
 def test_contract_on_the_tiny_model():
     model = tiny()
     defense = NAD(NAD.Config(**QUICK))
-    out = defense.purify(model, context(model, seed=0))
+    out = defense.purify(model, context(model, n=64, seed=0))
     assert out(torch.rand(4, 3, 32, 32)).shape == (4, 10) and not out.training
-    again = defense.purify(model, context(model, seed=0))
+    again = defense.purify(model, context(model, n=64, seed=0))
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())  # deterministic
     cfg = NAD.Config(**QUICK)
     assert NAD.Config.model_validate_json(cfg.model_dump_json()) == cfg
@@ -174,7 +154,7 @@ def test_contract_on_the_tiny_model():
 
 def test_fewer_stages_than_betas_use_the_last_betas():
     model = tiny()
-    names, betas = NAD(NAD.Config(betas=(1.0, 2.0, 3.0, 4.0, 5.0))).stages(model, context(model))
+    names, betas = NAD(NAD.Config(betas=(1.0, 2.0, 3.0, 4.0, 5.0))).stages(model, context(model, n=64))
     assert names == ["features.2", "features.5", "features.8", FEATURES] and betas == [2.0, 3.0, 4.0, 5.0]
 
 

@@ -9,44 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
-from backdoor_harness.models import create_model, model_family
+from backdoor_harness.models import create_model
 from backdoor_harness.plugins.defenses.sau import (SAU, js_divergence, shared_pgd, shared_pgd_objective,
                                                    shared_unlearning_loss)
-from backdoor_harness.train import fit
 
-CPU = torch.device("cpu")
-CLASSES = [str(i) for i in range(10)]
+from helpers import context, moved, noise_set, tiny
+
 QUICK = dict(epochs=1, pgd_steps=1, batch_size=12, pgd_init="random")  # one batch; the seed draws delta_0
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def noise_set(n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
-                    CLASSES)
-
-
-def context(model, reserve=None, seed=0):
-    reserve = reserve if reserve is not None else noise_set(seed=seed)
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=torch.Generator().manual_seed(seed),
-                          seed=seed, family=model_family(model),
-                          fit=lambda *a, **k: fit(*a, **{"progress": False, **k}))
-
-
-def moved(model, scale=0.05, seed=1):
-    """A copy of ``model`` with every parameter moved off it (a 'purified' model that differs from f0)."""
-    g = torch.Generator().manual_seed(seed)
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return out
 
 
 def softmax(row):
@@ -180,7 +149,7 @@ def test_contract_on_the_tiny_model():
 
     def run(seed):
         torch.manual_seed(seed)
-        return defense.purify(model, context(model, seed=seed))
+        return defense.purify(model, context(model, n=12, seed=seed))
 
     out = run(0)
     assert not out.training

@@ -7,26 +7,16 @@ import torch
 import torch.nn as nn
 
 import backdoor_harness as bh
-from backdoor_harness.contracts import DefenseContext
-from backdoor_harness.data import ImageSet
-from backdoor_harness.models import classifier, create_model, model_family
-from backdoor_harness.train import fit
+from backdoor_harness.models import classifier, create_model
 
-CPU = torch.device("cpu")
+import helpers
+from helpers import noise_set, tiny
 
 
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32).eval()
-
-
-def context(model, n=200, seed=0, attack=None):
-    g = torch.Generator().manual_seed(seed)
-    reserve = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
-                       torch.arange(n) % 10, [str(i) for i in range(10)])
-    return DefenseContext(reserve=reserve, num_classes=10, device=CPU, generator=g, seed=seed,
-                          family=model_family(model), fit=lambda *a, **k: fit(*a, **{"progress": False, **k}),
-                          attack=attack)
+def context(model):
+    """``helpers.context`` whose generator is the one that drew the 200 reserve images (so it starts advanced)."""
+    g = torch.Generator().manual_seed(0)
+    return helpers.context(model, noise_set(200, generator=g), generator=g)
 
 
 def test_classifier_is_found_through_timm():

@@ -1,0 +1,76 @@
+"""Shared test helpers: the seeded tiny model, random data and a CPU defense context.
+
+Test modules import them as ``from helpers import ...`` (pytest puts ``tests/`` on the path)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backdoor_harness.contracts import Attack, DefenseContext
+from backdoor_harness.data import ImageSet
+from backdoor_harness.models import create_model, model_family
+from backdoor_harness.train import Recipe, fit
+
+CPU = torch.device("cpu")
+CLASSES = [str(i) for i in range(10)]
+
+
+def tiny(seed: int = 0, *, width: int = 8, image_size: int = 32) -> nn.Module:
+    """The tiny CNN for 10 classes in eval mode, initialised right after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return create_model({"name": "tiny_cnn", "kwargs": {"width": width}}, 10, image_size).eval()
+
+
+def noise_set(n: int = 100, seed: int = 0, *, generator: torch.Generator | None = None) -> ImageSet:
+    """``n`` uniform uint8 32x32 images labelled ``arange(n) % 10``, drawn from ``generator``
+    (default: a fresh one seeded ``seed``)."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10,
+                    CLASSES)
+
+
+def learnable_set(n: int, seed: int, size: int = 32) -> ImageSet:
+    """Each class a fixed coarse colour pattern plus noise: the tiny model learns it in a few epochs."""
+    protos = torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = 0.6 * F.interpolate(protos[y], size=size, mode="nearest") + 0.4 * torch.rand(n, 3, size, size, generator=g)
+    return ImageSet((x * 255).round().to(torch.uint8), y, CLASSES)
+
+
+def context(model: nn.Module, reserve: ImageSet | None = None, seed: int = 0, *, n: int = 100,
+            fit_fn: Callable[..., Any] | None = None, attack: Attack | None = None, family: str | None = None,
+            generator: torch.Generator | None = None) -> DefenseContext:
+    """A CPU defense context for 10 classes. Defaults: ``noise_set(n, seed)`` as the reserve, a fresh
+    generator seeded ``seed``, ``model_family(model)`` and the harness's ``fit`` without progress bars."""
+    return DefenseContext(reserve=reserve if reserve is not None else noise_set(n, seed), num_classes=10, device=CPU,
+                          generator=generator if generator is not None else torch.Generator().manual_seed(seed),
+                          seed=seed, family=family or model_family(model),
+                          fit=fit_fn or (lambda *a, **k: fit(*a, **{"progress": False, **k})), attack=attack)
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state dict."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def moved(model: nn.Module, scale: float = 0.05, seed: int = 1) -> nn.Module:
+    """A copy of ``model`` with every parameter moved off it by ``scale`` times Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def one_step(model: nn.Module, data: ImageSet, loss_fn: Callable[..., torch.Tensor], lr: float) -> None:
+    """One plain full-batch SGD step (momentum 0, no weight decay) through the harness's trainer."""
+    recipe = Recipe(epochs=1, batch_size=len(data), lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
+                    augment=False)
+    fit(model, data, recipe, device=CPU, generator=torch.Generator().manual_seed(0), loss_fn=loss_fn, progress=False)
