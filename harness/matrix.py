@@ -213,11 +213,12 @@ def expand(spec: MatrixSpec) -> list[Job]:
 
                 clean = clean_job() if needs_clean else None
                 for atk in spec.attacks:
-                    a_attrs = {**base, "attack": atk.display}
+                    a_cls = get_class("attack", atk.name)
+                    rate = a_cls.Config(**atk.config).poison_rate
+                    a_attrs = {**base, "attack": atk.display, "poison_rate": rate}
                     a_ref = atk.model_dump(mode="json", exclude={"label"})
                     a_versions = {"dataset": ds_version, "attack": _version("attack", atk)}
                     train_deps = []
-                    a_cls = get_class("attack", atk.name)
                     if a_cls.prepares():  # generated resources: one job per data set (and model), cached
                         if a_cls.prepare_needs_clean_model:
                             p_deps, p_payload = [clean_job().key], {"model": mspec, "recipe": recipe}

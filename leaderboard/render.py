@@ -1,12 +1,22 @@
 """The leaderboard: a pure function of job records.
 
-Per (data set, model): one row per defense (in the order the records first
-name them, i.e. the matrix's order), and per attack the columns C-Acc, ASR,
-RA, DER, P-ASR (retuning), the clean model's P-ASR, QRA's P-ASR (rates in
-percent) and the LMC escape point (a t in [0, 1]); those no cell has are left
-out; each is averaged over
-seeds. A cell that failed, was blocked or skipped shows that status, never a
-number.
+One board per (data set, model, poison rate). Rows are defenses: the
+undefended model (``none``) first, then EP (the reference purification),
+then the others in the order the records first name them (the matrix's
+order). Per attack, the columns C-Acc, ASR (O-ASR), RA, DER, P-ASR
+(retuning), the clean model's P-ASR, QRA's P-ASR, the clean model's ASR
+(rates in percent) and the LMC escape point (a t in [0, 1]); a board shows
+only the columns some cell of it has. Then the same columns averaged over
+the attacks (only where every attack has the value), and the defense's cost:
+mean wall seconds of its purify jobs and the device they ran on.
+
+Every value is a mean over seeds. A cell that failed, was blocked or skipped
+shows that status, never a number, and the reason is listed under the board;
+a cell never run shows a dash. The best value of each column among the
+defenses (``none`` excluded: it is the reference) is marked. Where a
+defense's paper reports a number for the cell (``reported.yaml`` beside this
+module, each entry citing paper and table), it is shown beside the measured
+one.
 
 An evaluator listed under its own ``label`` (``{name: qra, label: qra_kl}``)
 keeps its metrics apart: they are folded as ``<metric>@<label>`` and shown in
@@ -18,36 +28,90 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 from statistics import mean
 from typing import Any, Iterable
 
+import yaml
 from tabulate import tabulate
 
-#: metric key -> column title, in display order; a table shows the columns
-#: that some cell of it has
-COLUMNS = {"clean_acc": "C-Acc", "asr": "ASR", "robust_acc": "RA", "der": "DER", "retune_asr": "P-ASR",
-           "retune_asr_clean_model": "P-ASR(clean)", "qra_p_asr": "QRA P-ASR", "lmc_escape_t": "LMC-esc t"}
 
-#: columns that are not rates: shown as they are (2 decimals), not in percent
-PLAIN = {"lmc_escape_t"}
+@dataclass(frozen=True)
+class Column:
+    """A metric the leaderboard shows: its evaluator key, title and direction."""
+
+    metric: str
+    title: str
+    higher_is_better: bool
+    percent: bool = True
+
+
+#: the metrics shown, in display order
+COLUMNS = (
+    Column("clean_acc", "C-Acc", True),
+    Column("asr", "ASR", False),
+    Column("robust_acc", "RA", True),
+    Column("der", "DER", True),
+    Column("retune_asr", "P-ASR", False),
+    Column("retune_asr_clean_model", "P-ASR(clean)", False),
+    Column("qra_p_asr", "QRA P-ASR", False),
+    Column("lmc_escape_t", "LMC-esc t", False, percent=False),
+    Column("clean_asr", "ASR(clean model)", False),
+)
+BY_METRIC = {c.metric: c for c in COLUMNS}
+#: rows shown first, in this order: the undefended model, then the reference purification
+FIRST_ROWS = ("none", "ep")
+#: the row that is the reference, not a contender for "best"
+REFERENCE_ROW = "none"
+#: the published numbers shipped with the leaderboard
+REPORTED_FILE = Path(__file__).with_name("reported.yaml")
 
 
 def _get(rec: Any, name: str) -> Any:
-    return rec.get(name) if isinstance(rec, dict) else getattr(rec, name)
+    return rec.get(name) if isinstance(rec, dict) else getattr(rec, name, None)
+
+
+def column(key: str) -> Column:
+    """The :class:`Column` of ``metric`` or ``metric@label``."""
+    metric, _, label = key.partition("@")
+    base = BY_METRIC[metric]
+    return Column(key, base.title + (f" [{label}]" if label else ""), base.higher_is_better, base.percent)
+
+
+def _poison_rate(rec: Any, by_key: dict[str, Any]) -> float | None:
+    """The attack's configured poison rate: from the record's attrs, else from its train record."""
+    rate = (_get(rec, "attrs") or {}).get("poison_rate")
+    if rate is not None:
+        return rate
+    deps = _get(rec, "deps") or []
+    train = by_key.get(deps[0]) if deps else None
+    if train is None:
+        return None
+    attack = (_get(train, "config") or {}).get("attack") or {}
+    return (attack.get("config") or {}).get("poison_rate", (_get(train, "metrics") or {}).get("poison_rate"))
 
 
 def collect(records: Iterable[Any]) -> list[dict[str, Any]]:
-    """Fold evaluate records into cells: one per (dataset, model, attack, defense),
-    metrics averaged over seeds; a cell with any unfinished record carries its status."""
+    """Fold evaluate records into cells, one per (data set, model, poison rate, attack, defense):
+    metrics averaged over seeds, the statuses of unfinished evaluations, and the defense's cost
+    (mean wall seconds and devices of the cell's purify jobs)."""
+    records = list(records)
+    by_key = {_get(r, "key"): r for r in records if _get(r, "key")}
     cells: dict[tuple, dict[str, Any]] = {}
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    costs: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
     for rec in records:
-        if _get(rec, "kind") != "evaluate":
+        kind, a = _get(rec, "kind"), _get(rec, "attrs") or {}
+        if kind == "purify" and _get(rec, "status") == "done":
+            costs[(a["dataset"], a["model"], a["attack"], a["defense"])].append(
+                (_get(rec, "wall_s") or 0.0, _get(rec, "device") or "?"))
+        if kind != "evaluate":
             continue
-        a = _get(rec, "attrs")
-        key = (a["dataset"], a["model"], a["attack"], a["defense"])
-        cell = cells.setdefault(key, {"dataset": key[0], "model": key[1], "attack": key[2], "defense": key[3],
-                                      "metrics": {}, "seeds": set(), "status": {}})
+        key = (a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"])
+        cell = cells.setdefault(key, {"dataset": key[0], "model": key[1], "poison_rate": key[2],
+                                      "attack": key[3], "defense": key[4], "metrics": {}, "seeds": set(),
+                                      "status": {}})
         status = _get(rec, "status")
         label = a.get("evaluator", "?")
         plugin = ((_get(rec, "config") or {}).get("evaluator") or {}).get("name", label)
@@ -57,63 +121,202 @@ def collect(records: Iterable[Any]) -> list[dict[str, Any]]:
                 if isinstance(v, (int, float)):  # curves stay in the store
                     values[key][m if label == plugin else f"{m}@{label}"].append(float(v))
         else:
-            cell["status"][label] = {"status": status, "reason": (_get(rec, "error") or "").strip()
-                                                        .splitlines()[-1:] or [""]}
+            reason = (_get(rec, "error") or "").strip().splitlines()[-1:] or [""]
+            cell["status"][label] = {"status": status, "reason": reason}
     out = []
     for key, cell in cells.items():
         cell["metrics"] = {m: mean(v) for m, v in values[key].items()}
         cell["seeds"] = sorted(cell["seeds"])
+        spent = costs.get((key[0], key[1], key[3], key[4]), [])
+        cell["cost"] = {"wall_s": mean(w for w, _ in spent) if spent else None,
+                        "device": sorted({d for _, d in spent})}
         out.append(cell)
     return out
 
 
-def _fmt(cell: dict | None, metric: str) -> str:
-    """A metric in percent; a cell whose evaluation did not finish shows that
-    status (failed / blocked / skipped); a cell never run shows a dash."""
+def load_reported(path: str | Path | None = REPORTED_FILE) -> list[dict[str, Any]]:
+    """The published numbers: a YAML list of ``{dataset, model, poison_rate, attack, defense,
+    metric, value, source}``. No file, no numbers."""
+    if path is None or not Path(path).exists():
+        return []
+    return list(yaml.safe_load(Path(path).read_text()) or [])
+
+
+def _reported_index(reported: Iterable[dict]) -> dict[tuple, tuple[float, str]]:
+    """(dataset, model, rate, attack, defense, metric) -> (value, source). An entry for a data set's
+    samples-per-class setting (``reserve: spc10``) belongs to the data set labelled ``cifar10-spc10``;
+    entries for a non-default attack or defense config are left out (no cell is tied to them). Where
+    papers disagree on a cell, the first value shows and the source names every one."""
+    index: dict[tuple, tuple[float, str]] = {}
+    for r in reported:
+        if r.get("defense_config") or r.get("attack_config"):
+            continue
+        dataset = f"{r['dataset']}-{r['reserve']}" if r.get("reserve") else r["dataset"]
+        key = (dataset, r["model"], float(r["poison_rate"]), r["attack"], r["defense"], r["metric"])
+        value, source = float(r["value"]), r.get("source", "")
+        if key in index and index[key][0] != value:
+            first, sources = index[key]
+            index[key] = (first, f"{sources}; also {100 * value:.2f} in {source}")
+        else:
+            index.setdefault(key, (value, source))
+    return index
+
+
+def _order(defenses: list[str]) -> list[str]:
+    return [d for d in FIRST_ROWS if d in defenses] + [d for d in defenses if d not in FIRST_ROWS]
+
+
+def _entry(cell: dict | None, metric: str, reported: tuple[float, str] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"value": None, "status": None, "reported": None, "source": None, "best": False}
+    if reported:
+        entry["reported"], entry["source"] = reported
     if cell is None:
-        return "—"
+        return entry
     if metric in cell["metrics"]:
-        value = cell["metrics"][metric]
-        return f"{value:.2f}" if metric.partition("@")[0] in PLAIN else f"{100 * value:.2f}"
+        entry["value"] = cell["metrics"][metric]
+        return entry
     label = metric.partition("@")[2]
     statuses = sorted({s["status"] for ev, s in cell["status"].items() if not label or ev == label})
-    return "/".join(statuses) if statuses else "—"
+    entry["status"] = "/".join(statuses) or None
+    return entry
 
 
-def _title(column: str) -> str:
-    metric, _, label = column.partition("@")
-    return COLUMNS[metric] + (f" [{label}]" if label else "")
+def _mark_best(rows: list[dict], get) -> None:
+    """Mark the best value of one column among the non-reference rows (ties: all of them)."""
+    scored = [(row, get(row)) for row in rows if row["defense"] != REFERENCE_ROW]
+    scored = [(row, e) for row, e in scored if e is not None and e["value"] is not None]
+    if len(scored) < 2:
+        return
+    col = column(scored[0][1]["metric"])
+    best = (max if col.higher_is_better else min)(e["value"] for _, e in scored)
+    for _, e in scored:
+        e["best"] = abs(e["value"] - best) < 1e-12
 
 
-def tables(records: Iterable[Any]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """``(title, headers, rows)`` per (data set, model)."""
+def boards(records: Iterable[Any], reported: Iterable[dict] = ()) -> list[dict[str, Any]]:
+    """The leaderboard as data: one board per (data set, model, poison rate).
+
+    Each board: ``dataset, model, poison_rate, seeds, attacks, columns`` (metric keys shown),
+    ``rows`` (per defense: ``cells[attack][metric]`` and ``avg[metric]`` entries of
+    ``{value, status, reported, source, best}``, ``cost_s``, ``device``) and ``notes``
+    (why a cell has no number)."""
     cells = collect(records)
+    index_reported = _reported_index(reported)
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        groups.setdefault((c["dataset"], c["model"]), []).append(c)
+        groups.setdefault((c["dataset"], c["model"], c["poison_rate"]), []).append(c)
     out = []
-    for (dataset, model), group in groups.items():
+    for (dataset, model, rate), group in groups.items():
         attacks = list(dict.fromkeys(c["attack"] for c in group))
-        defenses = list(dict.fromkeys(c["defense"] for c in group))
+        defenses = _order(list(dict.fromkeys(c["defense"] for c in group)))
         index = {(c["defense"], c["attack"]): c for c in group}
-        seeds = sorted({s for c in group for s in c["seeds"]})
         present = {m for c in group for m in c["metrics"]}
-        shown = [c for m in COLUMNS for c in [m] + sorted(p for p in present if p.startswith(m + "@"))
-                 if c in present] or list(COLUMNS)[:4]
-        headers = ["defense"] + [f"{atk} {_title(m)}" for atk in attacks for m in shown]
-        rows = [[d] + [_fmt(index.get((d, atk)), m) for atk in attacks for m in shown] for d in defenses]
-        out.append((f"{dataset} / {model} (seeds {', '.join(map(str, seeds)) or '-'}; rates in %)", headers, rows))
+        shown = [k for col in COLUMNS for k in [col.metric] + sorted(p for p in present
+                                                                      if p.startswith(col.metric + "@"))
+                 if k in present] or [c.metric for c in COLUMNS[:4]]
+        rows, notes = [], []
+        for d in defenses:
+            row: dict[str, Any] = {"defense": d, "cells": {}, "avg": {}, "cost_s": None, "device": []}
+            for atk in attacks:
+                cell = index.get((d, atk))
+                row["cells"][atk] = {}
+                for m in shown:
+                    rep = index_reported.get((dataset, model, float(rate) if rate is not None else None, atk, d, m))
+                    row["cells"][atk][m] = {"metric": m, **_entry(cell, m, rep)}
+                if cell is not None:
+                    if cell["cost"]["wall_s"] is not None:
+                        row.setdefault("_costs", []).append(cell["cost"]["wall_s"])
+                    row["device"] = sorted(set(row["device"]) | set(cell["cost"]["device"]))
+                    for ev, s in cell["status"].items():
+                        notes.append(f"{d} / {atk} / {ev}: {s['status']}: {s['reason'][0] if s['reason'] else ''}"
+                                     .rstrip(": "))
+            for m in shown:
+                vals = [row["cells"][atk][m]["value"] for atk in attacks]
+                row["avg"][m] = {"metric": m, "value": mean(vals) if all(v is not None for v in vals) else None,
+                                 "status": None, "reported": None, "source": None, "best": False}
+            costs = row.pop("_costs", [])
+            row["cost_s"] = mean(costs) if costs else None
+            rows.append(row)
+        for m in shown:
+            for atk in attacks:
+                _mark_best(rows, lambda r, atk=atk, m=m: r["cells"][atk][m])
+            if len(attacks) > 1:
+                _mark_best(rows, lambda r, m=m: r["avg"][m])
+        seeds = sorted({s for c in group for s in c["seeds"]})
+        out.append({"dataset": dataset, "model": model, "poison_rate": rate, "seeds": seeds, "attacks": attacks,
+                    "columns": shown, "rows": rows, "notes": notes})
     return out
 
 
-def render(records: Iterable[Any], fmt: str = "text") -> str:
-    """Render records as ``text``, ``markdown`` or ``json``."""
+def title(board: dict) -> str:
+    rate = board["poison_rate"]
+    rate_s = f"poison rate {100 * rate:g}%" if rate is not None else "poison rate ?"
+    seeds = ", ".join(map(str, board["seeds"])) or "-"
+    return f"{board['dataset']} / {board['model']} / {rate_s} (seeds {seeds}; rates in %)"
+
+
+def fmt_value(value: float | None, key: str) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.2f}" if column(key).percent else f"{value:.2f}"
+
+
+def fmt_entry(entry: dict, fmt: str = "text") -> str:
+    """One cell as text: the measured value (or the status), the best marked, the reported number beside it."""
+    if entry["value"] is None:
+        text = entry["status"] or "—"
+    else:
+        text = fmt_value(entry["value"], entry["metric"])
+        if entry["best"]:
+            text = f"**{text}**" if fmt == "markdown" else f"{text}*"
+    if entry["reported"] is not None:
+        text += f" ({fmt_value(entry['reported'], entry['metric'])})"
+    return text
+
+
+def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of one board for tabulate."""
+    groups = board["attacks"] + (["avg"] if len(board["attacks"]) > 1 else [])
+    headers = ["defense"] + [f"{g} {column(m).title}" for g in groups for m in board["columns"]]
+    headers += ["cost (s)", "device"]
+    rows = []
+    for row in board["rows"]:
+        line = [row["defense"]]
+        for g in groups:
+            source = row["avg"] if g == "avg" else row["cells"][g]
+            line += [fmt_entry(source[m], fmt) for m in board["columns"]]
+        line += [f"{row['cost_s']:.1f}" if row["cost_s"] is not None else "—", ", ".join(row["device"]) or "—"]
+        rows.append(line)
+    return headers, rows
+
+
+LEGEND = ("best value of a column among the defenses marked {best}; a number in parentheses is the one the "
+          "defense's paper reports for the cell (sources: leaderboard/reported.yaml); cost = mean wall seconds "
+          "of the defense's purify jobs")
+
+
+def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] | None = None) -> str:
+    """Render records as ``text``, ``markdown``, ``html`` (one self-contained page) or ``json``
+    (the cells of :func:`collect`). ``reported`` defaults to the numbers shipped in ``reported.yaml``."""
     records = list(records)
     if fmt == "json":
         return json.dumps(collect(records), indent=2, sort_keys=True)
+    reported = load_reported() if reported is None else list(reported)
+    data = boards(records, reported)
+    if fmt == "html":
+        from .html import page
+
+        return page(data, records)
     tablefmt = {"text": "simple", "markdown": "github"}[fmt]
     parts = []
-    for title, headers, rows in tables(records):
-        heading = f"### {title}" if fmt == "markdown" else title
-        parts.append(heading + "\n\n" + tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True))
-    return "\n\n".join(parts) if parts else "(no evaluation results yet)"
+    for board in data:
+        headers, rows = table(board, fmt)
+        heading = f"### {title(board)}" if fmt == "markdown" else title(board)
+        part = heading + "\n\n" + tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+        if board["notes"]:
+            part += "\n\n" + "\n".join(f"- {n}" for n in board["notes"])
+        parts.append(part)
+    if not parts:
+        return "(no evaluation results yet)"
+    legend = LEGEND.format(best="**bold**" if fmt == "markdown" else "with *")
+    return "\n\n".join(parts) + "\n\n" + legend
