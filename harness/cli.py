@@ -1,4 +1,4 @@
-"""The ``harness`` command: list, validate, run, status, show, leaderboard."""
+"""The ``harness`` command: list, validate, run, golden, status, show, leaderboard."""
 
 from __future__ import annotations
 
@@ -101,11 +101,44 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_golden(args) -> int:
+    from .golden import make_golden, write_golden
+    from .leaderboard.render import collect
+    from .matrix import load_matrix
+    from .runner import run_matrix
+    from .store import Store
+
+    spec = load_matrix(args.spec).model_copy(update={"seeds": args.seeds})
+    workdir = _workdir(args, spec)
+    counts = run_matrix(spec, workdir, device=args.device, progress=not args.no_progress)
+    if counts["failed"] or counts["blocked"]:
+        raise HarnessError(f"some cells did not finish (see `harness status --workdir {workdir}`); "
+                           f"golden values need every seed's run; fix and rerun the same command")
+    store = Store(workdir)
+    try:
+        records = list(store.records())
+    finally:
+        store.close()
+    runs = {seed: collect(r for r in records if (r.attrs or {}).get("seed") == seed) for seed in args.seeds}
+    command = f"harness golden {args.spec} --seeds {' '.join(map(str, args.seeds))} --out {args.out}"
+    write_golden(make_golden(runs, spec, command), args.out)
+    print(f"wrote {args.out} ({len(args.seeds)} seeds)")
+    return 0
+
+
 def cmd_leaderboard(args) -> int:
     from .leaderboard.render import render
 
     store = _store(args)
-    text = render(store.records(), args.format)
+    reported = None
+    if args.reported:
+        from .leaderboard.render import load_reported
+
+        if not Path(args.reported).exists():
+            raise HarnessError(f"--reported {args.reported}: no such file (a YAML list of published numbers; "
+                               f"see leaderboard/reported.yaml)")
+        reported = load_reported(args.reported)
+    text = render(store.records(), args.format, reported)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}")
@@ -129,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--no-progress", action="store_true", help="no progress meter")
     s.set_defaults(func=cmd_run)
+    s = sub.add_parser("golden", help="measure a matrix over several seeds and write golden numbers")
+    s.add_argument("spec")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="default 0 1 2 3 4")
+    s.add_argument("--out", required=True, help="the golden file to write (YAML)")
+    s.add_argument("--workdir", help="where the runs go (default runs/<matrix name>)")
+    s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    s.add_argument("--no-progress", action="store_true", help="no progress meter")
+    s.set_defaults(func=cmd_golden)
     for name, func, helptext in (("status", cmd_status, "what is done, failed, skipped"),
                                  ("show", cmd_show, "one job's record"),
                                  ("leaderboard", cmd_leaderboard, "render the results")):
@@ -136,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "show":
             s.add_argument("key", help="a job key or its prefix")
         if name == "leaderboard":
-            s.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+            s.add_argument("--format", choices=["text", "markdown", "html", "json"], default="text")
             s.add_argument("--out", help="write to this file instead of stdout")
+            s.add_argument("--reported", help="published numbers to show beside the measured ones "
+                                              "(default: the leaderboard's reported.yaml)")
         s.add_argument("--workdir", default=None, help="default runs/default")
         s.set_defaults(func=func)
     return p
