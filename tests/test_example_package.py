@@ -3,8 +3,9 @@
 Installs ``examples/harness-head-reinit`` into this interpreter's environment
 (uninstalled afterwards), then drives the ``harness`` command in subprocesses,
 so discovery goes through the installed entry point and nothing else: the
-plugin shows up in ``harness list defenses`` under its own distribution, and a
-tiny matrix on real CIFAR-10 runs it end to end.
+plugin shows up in ``harness list defenses`` under its own distribution, a
+tiny matrix on real CIFAR-10 runs it end to end, and the package's own golden
+tests pass with the fixtures of the harness's pytest plugin.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def installed(tmp_path_factory):
                           capture_output=True, text=True)
     assert done.returncode == 0, f"pip install failed:\n{done.stdout}\n{done.stderr}"
     try:
-        yield
+        yield source
     finally:
         subprocess.run(pip + ["uninstall", "-y", "-q", "harness-head-reinit"], capture_output=True, text=True)
 
@@ -96,3 +97,23 @@ def test_runs_in_a_matrix(installed, tmp_path):
     assert set(cell["metrics"]) == {"clean_acc", "asr"}
     for name, value in cell["metrics"].items():
         assert 0.0 <= value <= 1.0, (name, value)
+
+
+@pytest.mark.integration
+def test_its_own_golden_tests_pass_with_the_harness_fixtures(installed):
+    # `pytest` in the package's folder, as its author runs it: the golden marker and the
+    # harness_golden / harness_matrix fixtures must come from the installed harness (pytest11).
+    from backdoor_harness.data import data_roots
+
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    for var in ("PYTEST_ADDOPTS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTEST_PLUGINS"):
+        env.pop(var, None)
+    if not env.get("HARNESS_DATA") and data_roots():  # the same data the harness finds from here
+        env["HARNESS_DATA"] = str(data_roots()[0])
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--strict-markers"],
+                          capture_output=True, text=True, cwd=installed, env=env)
+    out = f"{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0, out
+    assert "test_head_reinit_golden.py::test_golden_numbers_hold PASSED" in done.stdout, out
+    summary = done.stdout.rstrip().splitlines()[-1]  # "=== 2 passed in 6.7s ==="
+    assert "2 passed" in summary and "skipped" not in summary and "deselected" not in summary, out
