@@ -1,4 +1,4 @@
-"""The ``harness`` command: list, validate, run, golden, status, show, leaderboard."""
+"""The ``harness`` command: list, validate, run, golden, status, show, export, leaderboard."""
 
 from __future__ import annotations
 
@@ -126,19 +126,33 @@ def cmd_golden(args) -> int:
     return 0
 
 
-def cmd_leaderboard(args) -> int:
-    from .leaderboard.render import render
+def cmd_export(args) -> int:
+    from .submission import export
 
-    store = _store(args)
+    n = export(_store(args).records(), args.out)
+    print(f"wrote {n} records to {args.out}")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from .leaderboard.render import load_reported, render
+    from .submission import add_submission, read_records
+
+    if args.add:
+        added, known, target = add_submission(args.add, args.published)
+        print(f"{args.add}: accepted; {added} record(s) added to {target}, {known} already published")
+        return 0
+    if args.records:
+        records = [r for path in args.records for r in read_records(path)]
+    else:
+        records = list(_store(args).records())
     reported = None
     if args.reported:
-        from .leaderboard.render import load_reported
-
         if not Path(args.reported).exists():
             raise HarnessError(f"--reported {args.reported}: no such file (a YAML list of published numbers; "
                                f"see leaderboard/reported.yaml)")
         reported = load_reported(args.reported)
-    text = render(store.records(), args.format, reported)
+    text = render(records, args.format, reported)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}")
@@ -172,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_golden)
     for name, func, helptext in (("status", cmd_status, "what is done, failed, skipped"),
                                  ("show", cmd_show, "one job's record"),
-                                 ("leaderboard", cmd_leaderboard, "render the results")):
+                                 ("export", cmd_export, "write a run's records as JSONL (for --add)"),
+                                 ("leaderboard", cmd_leaderboard, "render the results, or add a submission")):
         s = sub.add_parser(name, help=helptext)
         if name == "show":
             s.add_argument("key", help="a job key or its prefix")
@@ -181,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--out", help="write to this file instead of stdout")
             s.add_argument("--reported", help="published numbers to show beside the measured ones "
                                               "(default: the leaderboard's reported.yaml)")
+            s.add_argument("--records", nargs="+", help="render these exported JSONL files instead of a workdir")
+            s.add_argument("--add", metavar="FILE", help="validate an exported run and add it to the published "
+                                                         "records (refused with the reasons otherwise)")
+            s.add_argument("--published", default="leaderboard/published.yaml",
+                           help="the published leaderboard's definition (default leaderboard/published.yaml)")
+        if name == "export":
+            s.add_argument("--out", required=True, help="the JSONL file to write")
         s.add_argument("--workdir", default=None, help="default runs/default")
         s.set_defaults(func=func)
     return p

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import HarnessError
 
@@ -30,6 +30,8 @@ FINAL = ("done", "skipped")
 
 class JobRecord(BaseModel):
     """What the store keeps of one job."""
+
+    model_config = ConfigDict(extra="forbid")
 
     schema_version: int = SCHEMA_VERSION
     key: str
