@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench clean
+.PHONY: quickstart test bench leaderboard clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ quickstart: $(STAMP)
 # (measured: tests/test_defense_pam.py 13 s vs 93 s with 2 threads on the 2-core dev box).
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The published leaderboard: one page and one markdown table from leaderboard/records/*.jsonl
+leaderboard: $(STAMP)
+	$(BIN)/harness leaderboard --records leaderboard/records/*.jsonl --format html --out leaderboard/index.html
+	$(BIN)/harness leaderboard --records leaderboard/records/*.jsonl --format markdown --out leaderboard/LEADERBOARD.md
 
 clean:
 	rm -rf runs .pytest_cache
