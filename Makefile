@@ -27,5 +27,12 @@ leaderboard: $(STAMP)
 	$(BIN)/harness leaderboard --records leaderboard/records/*.jsonl --format html --out leaderboard/index.html
 	$(BIN)/harness leaderboard --records leaderboard/records/*.jsonl --format markdown --out leaderboard/LEADERBOARD.md
 
+# Timing benchmarks (benchmarks/, not part of `make test`): compared with the latest stored
+# baseline of this machine and device (benchmarks/baselines/), saved as one when there is none.
+# BENCH_ARGS: e.g. --save (store this run as a new baseline), -- -k train (pytest args).
+BENCH_ARGS ?=
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf runs .pytest_cache
