@@ -152,7 +152,7 @@ def cmd_leaderboard(args) -> int:
             raise HarnessError(f"--reported {args.reported}: no such file (a YAML list of published numbers; "
                                f"see leaderboard/reported.yaml)")
         reported = load_reported(args.reported)
-    text = render(records, args.format, reported)
+    text = render(records, args.format, reported, long=args.long)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}")
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--out", help="write to this file instead of stdout")
             s.add_argument("--reported", help="published numbers to show beside the measured ones "
                                               "(default: the leaderboard's reported.yaml)")
+            s.add_argument("--long", action="store_true", help="text/markdown: a row per (attack, defense) cell")
             s.add_argument("--records", nargs="+", help="render these exported JSONL files instead of a workdir")
             s.add_argument("--add", metavar="FILE", help="validate an exported run and add it to the published "
                                                          "records (refused with the reasons otherwise)")

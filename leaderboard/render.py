@@ -198,7 +198,8 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = ()) -> list[dict[s
 
     Each board: ``dataset, model, poison_rate, seeds, attacks, columns`` (metric keys shown),
     ``rows`` (per defense: ``cells[attack][metric]`` and ``avg[metric]`` entries of
-    ``{value, status, reported, source, best}``, ``cost_s``, ``device``) and ``notes``
+    ``{value, status, reported, source, best}``, ``cost_s`` (mean over attacks), ``cell_cost_s[attack]``,
+    ``device``) and ``notes``
     (why a cell has no number)."""
     cells = collect(records)
     index_reported = _reported_index(reported)
@@ -216,7 +217,8 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = ()) -> list[dict[s
                  if k in present] or [c.metric for c in COLUMNS[:4]]
         rows, notes = [], []
         for d in defenses:
-            row: dict[str, Any] = {"defense": d, "cells": {}, "avg": {}, "cost_s": None, "device": []}
+            row: dict[str, Any] = {"defense": d, "cells": {}, "avg": {}, "cost_s": None, "device": [],
+                                   "cell_cost_s": {}}
             for atk in attacks:
                 cell = index.get((d, atk))
                 row["cells"][atk] = {}
@@ -226,6 +228,7 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = ()) -> list[dict[s
                 if cell is not None:
                     if cell["cost"]["wall_s"] is not None:
                         row.setdefault("_costs", []).append(cell["cost"]["wall_s"])
+                        row["cell_cost_s"][atk] = cell["cost"]["wall_s"]
                     row["device"] = sorted(set(row["device"]) | set(cell["cost"]["device"]))
                     for ev, s in cell["status"].items():
                         notes.append(f"{d} / {atk} / {ev}: {s['status']}: {s['reason'][0] if s['reason'] else ''}"
@@ -274,6 +277,19 @@ def fmt_entry(entry: dict, fmt: str = "text") -> str:
     return text
 
 
+def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
+    """One row per (attack, defense) cell, the metrics as columns (no averages): the board
+    for few defenses and many attacks, e.g. an attack table with only ``none``."""
+    headers = ["attack", "defense"] + [column(m).title for m in board["columns"]] + ["cost (s)", "device"]
+    rows = []
+    for atk in board["attacks"]:
+        for row in board["rows"]:
+            cost = row["cell_cost_s"].get(atk)
+            rows.append([atk, row["defense"]] + [fmt_entry(row["cells"][atk][m], fmt) for m in board["columns"]]
+                        + [f"{cost:.1f}" if cost is not None else "—", ", ".join(row["device"]) or "—"])
+    return headers, rows
+
+
 def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     """Headers and rows of one board for tabulate."""
     groups = board["attacks"] + (["avg"] if len(board["attacks"]) > 1 else [])
@@ -295,9 +311,11 @@ LEGEND = ("best value of a column among the defenses marked {best}; a number in 
           "of the defense's purify jobs")
 
 
-def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] | None = None) -> str:
+def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] | None = None,
+           long: bool = False) -> str:
     """Render records as ``text``, ``markdown``, ``html`` (one self-contained page) or ``json``
-    (the cells of :func:`collect`). ``reported`` defaults to the numbers shipped in ``reported.yaml``."""
+    (the cells of :func:`collect`). ``reported`` defaults to the numbers shipped in ``reported.yaml``;
+    ``long``: text and markdown boards with a row per (attack, defense) (:func:`long_table`)."""
     records = list(records)
     if fmt == "json":
         return json.dumps(collect(records), indent=2, sort_keys=True)
@@ -310,7 +328,7 @@ def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] |
     tablefmt = {"text": "simple", "markdown": "github"}[fmt]
     parts = []
     for board in data:
-        headers, rows = table(board, fmt)
+        headers, rows = (long_table if long else table)(board, fmt)
         heading = f"### {title(board)}" if fmt == "markdown" else title(board)
         part = heading + "\n\n" + tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
         if board["notes"]:

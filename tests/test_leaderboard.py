@@ -117,3 +117,14 @@ def test_the_shipped_reported_numbers_are_well_formed():
     for entry in load_reported():
         assert keys <= set(entry), entry
         assert 0 <= entry["value"] <= 1 and 0 < entry["poison_rate"] < 1 and entry["source"], entry
+
+
+def test_the_long_form_has_a_row_per_attack_and_defense():
+    recs = [ev("none", "a", 0, {"asr": 0.9, "clean_acc": 0.5}, evaluator="x"),
+            ev("none", "b", 0, {"asr": 0.8, "clean_acc": 0.4}, evaluator="x"),
+            ev("ep", "a", 0, {"asr": 0.1, "clean_acc": 0.45}, evaluator="x")]
+    md = render(recs, "markdown", reported=[], long=True)
+    lines = [[c.strip() for c in l.strip("|").split("|")] for l in md.splitlines() if l.startswith("| ")]
+    assert lines[0] == ["attack", "defense", "C-Acc", "ASR", "cost (s)", "device"]
+    assert lines[1:] == [["a", "none", "50.00", "90.00", "—", "—"], ["a", "ep", "45.00", "10.00", "—", "—"],
+                         ["b", "none", "40.00", "80.00", "—", "—"], ["b", "ep", "—", "—", "—", "—"]]
