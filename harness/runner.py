@@ -267,6 +267,10 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
             if store.is_final(job.key):
                 counts["cached"] += 1
                 continue
+            old = store.get(job.key)
+            if old is not None and old.status == "done" and old.artifact:
+                log(f"{tag} {job.label}: its artifact {old.artifact} is missing or does not match its recorded "
+                    f"sha256 (truncated or corrupt): recomputing")
             bad = [d for d in job.deps if not store.is_final(d) or store.get(d).status != "done"]
             if bad:
                 up = store.get(bad[0])

@@ -73,6 +73,7 @@ class Store:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.artifacts = self.workdir / "artifacts"
         self.path = self.workdir / "results.sqlite"
+        self._intact: set[tuple] = set()
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         cols = ", ".join(f"{c} TEXT" if c != "key" else "key TEXT PRIMARY KEY" for c in _COLUMNS)
@@ -110,10 +111,27 @@ class Store:
             yield self._record(row)
 
     def is_final(self, key: str) -> bool:
+        """Done or skipped, with its artifact (if any) on disk and matching its recorded sha256:
+        a missing, truncated or corrupt artifact makes the job run again, never silently used."""
         rec = self.get(key)
         if rec is None or rec.status not in FINAL:
             return False
-        return rec.artifact is None or (self.workdir / rec.artifact).exists()
+        return rec.artifact is None or self.artifact_intact(rec)
+
+    def artifact_intact(self, rec: JobRecord) -> bool:
+        """Whether ``rec``'s artifact exists and hashes to its recorded sha256 (checked once per file version)."""
+        path = self.workdir / rec.artifact
+        if not path.exists():
+            return False
+        if not rec.artifact_sha256:
+            return True
+        stat = path.stat()
+        memo = (rec.key, rec.artifact_sha256, stat.st_size, stat.st_mtime_ns)
+        if memo not in self._intact:
+            if sha256_file(path) != rec.artifact_sha256:
+                return False
+            self._intact.add(memo)
+        return True
 
     def artifact_path(self, key: str) -> Path:
         return self.artifacts / f"{key}.safetensors"

@@ -103,3 +103,31 @@ def test_store_roundtrip_and_jsonl(tmp_path):
     assert store.find("ab") == [rec]
     assert store.export_jsonl(tmp_path / "r.jsonl") == 1
     assert JobRecord.model_validate_json((tmp_path / "r.jsonl").read_text()) == rec
+
+
+@pytest.mark.integration
+def test_a_corrupt_or_truncated_checkpoint_is_detected_and_recomputed(tmp_path):
+    quick = spec(defenses=["none", {"name": "ft", "config": {"epochs": 1}}])
+    lines: list[str] = []
+    run_matrix(quick, tmp_path, progress=False, log=lines.append)
+    store = Store(tmp_path)
+    before = {r.key: r for r in store.records()}
+    train = next(r for r in before.values() if r.kind == "train")
+    ft = next(r for r in before.values() if r.kind == "purify" and r.attrs["defense"] == "ft")
+    raw = bytearray((tmp_path / train.artifact).read_bytes())
+    raw[-100] ^= 0xFF  # one flipped byte in the weights: still a loadable file
+    (tmp_path / train.artifact).write_bytes(bytes(raw))
+    path = tmp_path / ft.artifact
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert not store.is_final(train.key) and not store.is_final(ft.key)
+    store.close()
+    lines.clear()
+    counts = run_matrix(quick, tmp_path, progress=False, log=lines.append)
+    assert counts["done"] == 2 and counts["failed"] == 0, counts  # exactly the two, nothing else reran
+    assert sum("does not match its recorded sha256" in line for line in lines) == 2
+    store = Store(tmp_path)
+    after = {r.key: r for r in store.records()}
+    assert after[train.key].artifact_sha256 == train.artifact_sha256  # deterministic: the same weights again
+    assert {k: r.metrics for k, r in after.items() if r.kind == "evaluate"} == \
+        {k: r.metrics for k, r in before.items() if r.kind == "evaluate"}
+    store.close()
