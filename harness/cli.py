@@ -74,19 +74,29 @@ def _store(args):
 
 
 def cmd_status(args) -> int:
-    from collections import Counter
-
     from tabulate import tabulate
+
+    from .status import load_jobs, summarize
+    from .store import active_run
 
     store = _store(args)
     recs = list(store.records())
-    counts = Counter((r.kind, r.status) for r in recs)
-    rows = [[k, s, n] for (k, s), n in sorted(counts.items())]
+    jobs = load_jobs(store.workdir)
+    info = summarize(recs, jobs)
+    rows = [[k, s, n] for (k, s), n in sorted(info["counts"].items())]
     print(tabulate(rows, headers=["kind", "status", "jobs"], tablefmt="simple"))
-    bad = [r for r in recs if r.status in ("failed", "blocked", "skipped", "running")]
-    for r in bad:
-        reason = (r.error or "").strip().splitlines()[-1:] or [""]
-        print(f"{r.status:8} {r.key[:12]} {r.label}: {reason[0]}")
+    pid = active_run(store.workdir)
+    print(f"\n{'a run is active (pid ' + pid + ')' if pid else 'no run is active'} in {store.workdir}")
+    for r in info["running"]:
+        where = f"on {r.device or '?'}, for {info['now'] - (r.started or info['now']):.0f} s"
+        print(f"{'running' if pid else 'interrupted':11} {r.key[:12]} {r.label} ({where})")
+    for r in recs:
+        if r.status in ("failed", "blocked", "skipped"):
+            reason = (r.error or "").strip().splitlines()[-1:] or [""]
+            print(f"{r.status:11} {r.key[:12]} {r.label}: {reason[0]}")
+    if info["seconds_left"] is not None:
+        extra = f" (+ {info['unestimated']} jobs of a kind none has finished yet)" if info["unestimated"] else ""
+        print(f"estimated time left: {info['seconds_left'] / 60:.1f} min on one worker{extra}")
     return 0
 
 

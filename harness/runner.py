@@ -28,6 +28,7 @@ from .matrix import Job, MatrixSpec, expand
 from .models import (Normalized, channel_stats, create_model, load_attack_state, load_checkpoint, model_family,
                      save_checkpoint)
 from .registry import create, get_class
+from .status import save_matrix
 from .store import JobRecord, Store, WorkdirLock, now, sha256_file
 from .train import Recipe, default_device, fit, predict
 
@@ -259,6 +260,7 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
     workdir = Path(workdir)
     with WorkdirLock(workdir):
         store = Store(workdir)
+        save_matrix(spec, workdir)
         runner = Runner(store, torch.device(device) if device else default_device(), progress)
         runner._jobs = {j.key: j for j in jobs}
         log(f"matrix {spec.name!r}: {len(jobs)} jobs, workdir {workdir}, device {device_name(runner.device)}")

@@ -172,5 +172,22 @@ class WorkdirLock:
             os.close(self.fd)
 
 
+def active_run(workdir: Path) -> str | None:
+    """The pid of the `harness run` holding ``workdir``'s lock, or None when no run holds it."""
+    path = Path(workdir) / ".lock"
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def now() -> float:
     return time.time()

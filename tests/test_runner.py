@@ -131,3 +131,32 @@ def test_a_corrupt_or_truncated_checkpoint_is_detected_and_recomputed(tmp_path):
     assert {k: r.metrics for k, r in after.items() if r.kind == "evaluate"} == \
         {k: r.metrics for k, r in before.items() if r.kind == "evaluate"}
     store.close()
+
+
+def test_status_counts_queued_jobs_and_estimates_the_time_left():
+    from backdoor_harness.matrix import expand
+    from backdoor_harness.status import summarize
+
+    train, purify, acc, asr = expand(spec(defenses=["none"]))
+
+    def rec(job, status, wall_s=None, started=None):
+        return JobRecord(key=job.key, kind=job.kind, label=job.label, status=status, config=job.payload,
+                         wall_s=wall_s, started=started)
+
+    done = [rec(train, "done", 100.0), rec(purify, "done", 2.0), rec(acc, "done", 4.0)]
+    info = summarize(done, [train, purify, acc, asr], now=1000.0)
+    assert info["counts"][("evaluate", "queued")] == 1
+    assert info["seconds_left"] == pytest.approx(4.0)  # asr: no asr history, so the evaluate kind's mean
+    info = summarize(done + [rec(asr, "running", started=999.0)], [train, purify, acc, asr], now=1000.0)
+    assert ("evaluate", "queued") not in info["counts"] and [r.key for r in info["running"]] == [asr.key]
+    assert info["seconds_left"] == pytest.approx(3.0)  # credited with the second it has run
+    info = summarize([rec(train, "done", 100.0)], [train, purify, acc, asr], now=1000.0)
+    assert info["seconds_left"] == 0.0 and info["unestimated"] == 3  # no purify/evaluate finished yet
+
+
+def test_status_command_after_a_run(tmp_path, capsys):
+    run_matrix(spec(defenses=["none"]), tmp_path, progress=False, log=lambda *a: None)
+    assert (tmp_path / "matrix.json").exists()
+    assert cli.main(["status", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no run is active" in out and "estimated time left: 0.0 min" in out

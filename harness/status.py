@@ -1,0 +1,74 @@
+"""What a work directory holds: done, failed, running (where, for how long), queued, and the time left.
+
+``harness run`` leaves the matrix it runs in ``matrix.json`` beside the store,
+so the status knows the jobs that have no record yet (queued). The time left
+is an estimate: each job not yet final is expected to take the mean wall time
+of the finished jobs of the same kind and plugin (else of the same kind); a
+running job is credited with the time it has already run. Jobs of a kind no
+finished job has are counted, not estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from .matrix import Job, MatrixSpec, expand
+from .store import FINAL, JobRecord
+
+MATRIX_FILE = "matrix.json"
+
+
+def save_matrix(spec: MatrixSpec, workdir: Path) -> None:
+    tmp = workdir / (MATRIX_FILE + ".tmp")
+    tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
+    tmp.replace(workdir / MATRIX_FILE)
+
+
+def plugin_of(kind: str, config: dict[str, Any]) -> str:
+    """The plugin a job runs (its attack, defense or evaluator name; ``clean`` for a clean model)."""
+    ref = config.get({"prepare": "attack", "train": "attack", "purify": "defense",
+                      "evaluate": "evaluator"}.get(kind, ""))
+    return ref["name"] if isinstance(ref, dict) else "clean"
+
+
+def summarize(records: list[JobRecord], jobs: list[Job] | None, now: float | None = None) -> dict[str, Any]:
+    """Counts per (kind, status) including ``queued``, the running jobs, and the estimated seconds left."""
+    now = time.time() if now is None else now
+    by_key = {r.key: r for r in records}
+    walls: dict[tuple[str, str], list[float]] = defaultdict(list)
+    kind_walls: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r.status == "done" and r.wall_s is not None:
+            walls[(r.kind, plugin_of(r.kind, r.config))].append(r.wall_s)
+            kind_walls[r.kind].append(r.wall_s)
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for r in records:
+        counts[(r.kind, r.status)] += 1
+    running = [r for r in records if r.status == "running"]
+    left, unknown = 0.0, 0
+    pending = [(j.kind, plugin_of(j.kind, j.payload), by_key.get(j.key)) for j in (jobs or [])
+               if j.key not in by_key or by_key[j.key].status not in FINAL]
+    for job in jobs or []:
+        if job.key not in by_key:
+            counts[(job.kind, "queued")] += 1
+    for kind, plugin, rec in pending:
+        history = walls.get((kind, plugin)) or kind_walls.get(kind)
+        if not history:
+            unknown += 1
+            continue
+        spent = now - rec.started if rec is not None and rec.status == "running" and rec.started else 0.0
+        left += max(mean(history) - spent, 0.0)
+    return {"counts": dict(counts), "running": running, "seconds_left": left if jobs is not None else None,
+            "unestimated": unknown, "now": now}
+
+
+def load_jobs(workdir: Path) -> list[Job] | None:
+    path = Path(workdir) / MATRIX_FILE
+    if not path.exists():
+        return None
+    return expand(MatrixSpec.model_validate(json.loads(path.read_text())))
