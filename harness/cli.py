@@ -57,7 +57,12 @@ def cmd_run(args) -> int:
     from .runner import run_matrix
 
     spec = load_matrix(args.spec)
-    counts = run_matrix(spec, _workdir(args, spec), device=args.device, progress=not args.no_progress)
+    if args.workers < 1 or args.retries < 0:
+        raise HarnessError(f"--workers {args.workers} --retries {args.retries}: workers must be at least 1 and "
+                           f"retries at least 0")
+    devices = args.devices.split(",") if args.devices else None
+    counts = run_matrix(spec, _workdir(args, spec), device=args.device, progress=not args.no_progress,
+                        workers=args.workers, devices=devices, retries=args.retries)
     if counts["failed"] or counts["blocked"]:
         print(f"some cells did not finish (see `harness status --workdir {_workdir(args, spec)}`)", file=sys.stderr)
         return 1
@@ -185,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", help="results and artifacts (default runs/<matrix name>)")
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--no-progress", action="store_true", help="no progress meter")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes per device (default 1: jobs run in this process)")
+    s.add_argument("--devices", help="GPUs for the workers, e.g. 0,1 (default: every visible GPU, else the CPU)")
+    s.add_argument("--retries", type=int, default=2, help="runs of a job whose worker died (default 2)")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("golden", help="measure a matrix over several seeds and write golden numbers")
     s.add_argument("spec")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import os
 import sys
 from typing import Any
@@ -35,6 +36,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
         pm.add_hookspecs(hookspecs)
         if not os.environ.get("HARNESS_DISABLE_PLUGIN_AUTOLOAD"):
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        for name in filter(None, os.environ.get("HARNESS_PLUGINS", "").split(",")):
+            # plugins from modules not installed as packages, e.g. a local file on PYTHONPATH; worker
+            # processes inherit the variable, so they see the same plugins as the driver
+            pm.register(importlib.import_module(name.strip()), name=name.strip())
         pm.check_pending()
         if os.environ.get("HARNESS_TRACE_PLUGINS"):
             pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))

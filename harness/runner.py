@@ -1,6 +1,8 @@
-"""Running the job DAG: the local executor and what each kind of job does.
+"""Running the job DAG: the scheduler and what each kind of job does.
 
-Jobs run in dependency order in this process. A finished job (its record is
+The scheduler hands every job whose upstream jobs are done to an executor
+(:mod:`backdoor_harness.executor`: this process, or a pool of worker
+processes) and is the only writer of the store. A finished job (its record is
 ``done``) is never recomputed; a job that raises is recorded ``failed`` with
 its traceback and the jobs downstream of it are recorded ``blocked``, while the
 rest of the matrix goes on. Both are retried by the next run.
@@ -23,6 +25,7 @@ from . import __version__
 from .contracts import DefenseContext, EvalContext, PrepareContext
 from .data import DataSpec, ImageSet, load_dataset, reserve_indices
 from .errors import HarnessError
+from .executor import InProcess, WorkerPool
 from .leaderboard.plots import write_curve_plots
 from .matrix import Job, MatrixSpec, expand
 from .models import (Normalized, channel_stats, create_model, load_attack_state, load_checkpoint, model_family,
@@ -229,10 +232,10 @@ class Runner:
     # -- one job ----------------------------------------------------------------
 
     def run_job(self, job: Job) -> JobRecord:
+        """Run one job; its artifact is on disk when this returns. The record is the caller's to store."""
         rec = JobRecord(key=job.key, kind=job.kind, label=job.label, status="running", attrs=job.attrs,
                         config=job.payload, versions=job.versions, deps=job.deps, started=now(),
                         device=device_name(self.device), harness_version=__version__)
-        self.store.put(rec)
         t0 = time.perf_counter()
         try:
             metrics, model, *state = getattr(self, f"run_{job.kind}")(job)
@@ -248,50 +251,39 @@ class Runner:
         except Exception:  # a failing cell must not stop the matrix
             rec.status, rec.error = "failed", traceback.format_exc()
         rec.finished, rec.wall_s = now(), time.perf_counter() - t0
-        self.store.put(rec)
         return rec
 
 
 def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = None, progress: bool = True,
-               log=print) -> dict[str, int]:
-    """Run (or resume) a matrix in ``workdir``. Returns counts per outcome."""
+               log=print, workers: int = 1, devices: list[str] | None = None, retries: int = 2) -> dict[str, int]:
+    """Run (or resume) a matrix in ``workdir``. Returns counts per outcome.
+
+    With ``workers == 1`` and no ``devices``, jobs run in this process; otherwise in a
+    :class:`~backdoor_harness.executor.WorkerPool` of ``workers`` processes per device
+    (``devices``: CUDA indices, default every visible GPU, or the CPU).
+    """
     jobs = expand(spec)
     counts = {"cached": 0, "done": 0, "failed": 0, "skipped": 0, "blocked": 0}
     workdir = Path(workdir)
+    by_key = {j.key: j for j in jobs}
     with WorkdirLock(workdir):
         store = Store(workdir)
         save_matrix(spec, workdir)
-        runner = Runner(store, torch.device(device) if device else default_device(), progress)
-        runner._jobs = {j.key: j for j in jobs}
-        log(f"matrix {spec.name!r}: {len(jobs)} jobs, workdir {workdir}, device {device_name(runner.device)}")
-        for i, job in enumerate(jobs, 1):
-            tag = f"[{i:>{len(str(len(jobs)))}}/{len(jobs)}]"
-            if store.is_final(job.key):
-                counts["cached"] += 1
-                continue
-            old = store.get(job.key)
-            if old is not None and old.status == "done" and old.artifact:
-                log(f"{tag} {job.label}: its artifact {old.artifact} is missing or does not match its recorded "
-                    f"sha256 (truncated or corrupt): recomputing")
-            bad = [d for d in job.deps if not store.is_final(d) or store.get(d).status != "done"]
-            if bad:
-                up = store.get(bad[0])
-                why = f"upstream {runner._jobs[bad[0]].label} is {up.status if up else 'missing'}"
-                store.put(JobRecord(key=job.key, kind=job.kind, label=job.label, attrs=job.attrs,
-                                    config=job.payload, versions=job.versions, deps=job.deps,
-                                    status="skipped" if up and up.status == "skipped" else "blocked",
-                                    error=why, started=now(), finished=now(), harness_version=__version__))
-                counts["skipped" if up and up.status == "skipped" else "blocked"] += 1
-                log(f"{tag} {job.label}: not run ({why})")
-                continue
-            rec = runner.run_job(job)
-            counts[rec.status] += 1
-            summary = ", ".join(f"{k} {v:.4f}" for k, v in rec.metrics.items()
-                                if isinstance(v, float) and k not in ("images_per_s", "wall_s", "final_loss"))
-            note = {"done": summary, "skipped": rec.error,
-                    "failed": (rec.error or "").strip().splitlines()[-1] if rec.error else ""}[rec.status]
-            log(f"{tag} {job.label}: {rec.status} in {rec.wall_s:.1f}s" + (f" ({note})" if note else ""))
-            sys.stdout.flush()
+        if workers > 1 or devices:
+            if not devices:
+                cuda = device != "cpu" and torch.cuda.is_available()
+                devices = [str(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
+            executor = WorkerPool(workdir, by_key, devices, workers, retries, log=log)
+            where = f"{len(executor.workers)} workers on {'CPU' if devices == ['cpu'] else 'GPU ' + ','.join(devices)}"
+        else:
+            runner = Runner(store, torch.device(device) if device else default_device(), progress)
+            runner._jobs = by_key
+            executor, where = InProcess(runner), f"device {device_name(runner.device)}"
+        log(f"matrix {spec.name!r}: {len(jobs)} jobs, workdir {workdir}, {where}")
+        try:
+            _schedule(jobs, store, executor, counts, log)
+        finally:
+            executor.close()
         labels = {name: m.doc or name for ref in spec.evaluators
                   for name, m in get_class("evaluator", ref.name).metrics.items() if m.curve}
         plots = write_curve_plots(store.records("evaluate"), store.artifacts / "plots", labels)
@@ -300,3 +292,59 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
         store.close()
     log(" ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
+
+
+def _schedule(jobs: list[Job], store: Store, executor, counts: dict[str, int], log) -> None:
+    """Hand every job whose upstreams are done to the executor and store what comes back; a job
+    whose upstream failed (or was skipped) is recorded blocked (skipped) without running."""
+    width = len(str(len(jobs)))
+    tags = {j.key: f"[{i:>{width}}/{len(jobs)}]" for i, j in enumerate(jobs, 1)}
+    labels = {j.key: j.label for j in jobs}
+    pending: dict[str, Job] = {}
+    for job in jobs:
+        if store.is_final(job.key):
+            counts["cached"] += 1
+            continue
+        old = store.get(job.key)
+        if old is not None and old.status == "done" and old.artifact:
+            log(f"{tags[job.key]} {job.label}: its artifact {old.artifact} is missing or does not match its "
+                f"recorded sha256 (truncated or corrupt): recomputing")
+        pending[job.key] = job
+    running: dict[str, Job] = {}
+    while pending or running:
+        ready = []
+        for job in list(pending.values()):
+            if any(d in pending or d in running for d in job.deps):
+                continue
+            bad = [d for d in job.deps if not store.is_final(d) or store.get(d).status != "done"]
+            if not bad:
+                ready.append(job)
+                continue
+            up = store.get(bad[0])
+            status = "skipped" if up and up.status == "skipped" else "blocked"
+            why = f"upstream {labels[bad[0]]} is {up.status if up else 'missing'}"
+            store.put(JobRecord(key=job.key, kind=job.kind, label=job.label, attrs=job.attrs, config=job.payload,
+                                versions=job.versions, deps=job.deps, status=status, error=why, started=now(),
+                                finished=now(), harness_version=__version__))
+            counts[status] += 1
+            del pending[job.key]
+            log(f"{tags[job.key]} {job.label}: not run ({why})")
+        if ready and executor.free():
+            for job, where in executor.submit(ready):
+                del pending[job.key]
+                running[job.key] = job
+                store.put(JobRecord(key=job.key, kind=job.kind, label=job.label, status="running", attrs=job.attrs,
+                                    config=job.payload, versions=job.versions, deps=job.deps, started=now(),
+                                    device=where, harness_version=__version__))
+        if not running:
+            continue
+        for rec in executor.poll():
+            running.pop(rec.key, None)
+            store.put(rec)
+            counts[rec.status] += 1
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in rec.metrics.items()
+                                if isinstance(v, float) and k not in ("images_per_s", "wall_s", "final_loss"))
+            note = {"done": summary, "skipped": rec.error,
+                    "failed": (rec.error or "").strip().splitlines()[-1] if rec.error else ""}[rec.status]
+            log(f"{tags[rec.key]} {rec.label}: {rec.status} in {rec.wall_s:.1f}s" + (f" ({note})" if note else ""))
+            sys.stdout.flush()

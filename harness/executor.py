@@ -1,0 +1,207 @@
+"""Executors: where the jobs of a matrix run.
+
+The scheduler (:func:`backdoor_harness.runner.run_matrix`) owns the DAG and the
+store: it hands ready jobs to an executor and writes every record itself. An
+executor only runs jobs:
+
+- :class:`InProcess` runs one job at a time in the calling process (the
+  default on a CPU-only machine, and what the tests use);
+- :class:`WorkerPool` keeps long-lived worker processes (spawned, each pinned
+  to one GPU through ``CUDA_VISIBLE_DEVICES`` before CUDA starts; ``k``
+  workers per device), hands each a job when it is free, preferring a job
+  downstream of an attacked model the worker already ran (its data and
+  models are cached there), and replaces a worker that dies or hits a CUDA
+  error, retrying its job (twice by default) before recording it failed.
+
+Both speak the same small interface: ``free()`` (how many jobs it can take
+now), ``submit(jobs)`` (it picks which of the ready jobs to start and returns
+them, with where each runs), ``poll()`` (finished records) and ``close()``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .matrix import Job
+from .store import JobRecord, now
+
+#: how often the pool looks at its workers while waiting for results
+POLL_S = 0.5
+
+
+def model_key(job: Job) -> str:
+    """The attacked (or clean) model a job works on: its own key for a train job, else its first upstream."""
+    return job.key if job.kind in ("train", "prepare") or not job.deps else job.deps[0]
+
+
+class InProcess:
+    """Runs jobs one at a time in this process."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self._next: Job | None = None
+
+    def free(self) -> int:
+        return 0 if self._next else 1
+
+    def submit(self, ready: list[Job]) -> list[tuple[Job, str]]:
+        from .runner import device_name
+
+        self._next = ready[0]
+        return [(ready[0], device_name(self.runner.device))]
+
+    def poll(self) -> list[JobRecord]:
+        job, self._next = self._next, None
+        return [self.runner.run_job(job)] if job else []
+
+    def close(self) -> None:
+        pass
+
+
+def _worker_main(wid: int, workdir: str, device: str, threads: int, jobs: dict[str, Job], inbox, outbox,
+                 progress: bool) -> None:
+    """A worker process: runs the jobs it is sent and sends back their records (never writes the store)."""
+    import torch
+
+    from .runner import Runner
+    from .store import Store
+
+    if threads:
+        torch.set_num_threads(threads)
+    runner = Runner(Store(workdir), torch.device(device), progress)
+    runner._jobs = jobs
+    while True:
+        key = inbox.get()
+        if key is None:
+            return
+        rec = runner.run_job(jobs[key])
+        outbox.put((wid, rec.model_dump()))
+        if rec.status == "failed" and "CUDA error" in (rec.error or ""):
+            os._exit(3)  # the CUDA context is unusable: the pool starts a fresh worker
+
+
+@dataclass
+class _Worker:
+    wid: int
+    device: str
+    visible: str | None
+    proc: Any = None
+    inbox: Any = None
+    job: Job | None = None
+    started: float = 0.0
+    holds: set[str] = field(default_factory=set)
+
+
+class WorkerPool:
+    """Long-lived worker processes, ``per_device`` on each of ``devices``.
+
+    Args:
+        workdir: the matrix's work directory (artifacts are read and written there).
+        jobs: every job of the matrix, by key (sent once to each worker).
+        devices: ``["cpu"]`` or CUDA device indices as strings (``["0", "1"]``).
+        per_device: workers per device (several small 32x32 jobs can share a GPU).
+        retries: how often a job whose worker died is run again before it is recorded failed.
+    """
+
+    def __init__(self, workdir: Path, jobs: dict[str, Job], devices: list[str], per_device: int = 1,
+                 retries: int = 2, progress: bool = False, log=print):
+        self.workdir, self.jobs, self.retries, self.progress, self.log = str(workdir), jobs, retries, progress, log
+        self.ctx = mp.get_context("spawn")
+        self.outbox = self.ctx.Queue()
+        cpu = devices == ["cpu"]
+        n = per_device * len(devices)
+        self.threads = max(1, (os.cpu_count() or 1) // n) if cpu else 0
+        self.workers = [_Worker(i, "cpu" if cpu else "cuda:0", None if cpu else devices[i // per_device])
+                        for i in range(n)]
+        self.attempts: dict[str, int] = {}
+        for w in self.workers:
+            self._start(w)
+
+    def _start(self, w: _Worker) -> None:
+        w.inbox = self.ctx.Queue()
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if w.visible is not None:  # the child sees one GPU, as cuda:0, from its first CUDA call
+            os.environ["CUDA_VISIBLE_DEVICES"] = w.visible
+        try:
+            w.proc = self.ctx.Process(target=_worker_main, daemon=True,
+                                      args=(w.wid, self.workdir, w.device, self.threads, self.jobs, w.inbox,
+                                            self.outbox, self.progress))
+            w.proc.start()
+        finally:
+            if w.visible is not None:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        w.job, w.holds = None, set()
+
+    def where(self, w: _Worker) -> str:
+        gpu = f"GPU {w.visible}" if w.visible is not None else "cpu"
+        return f"worker {w.wid} ({gpu}, pid {w.proc.pid})"
+
+    def free(self) -> int:
+        return sum(w.job is None for w in self.workers)
+
+    def submit(self, ready: list[Job]) -> list[tuple[Job, str]]:
+        """Give free workers ready jobs, each preferring one on a model it already holds."""
+        started, ready = [], list(ready)
+        for w in (w for w in self.workers if w.job is None):
+            if not ready:
+                break
+            job = next((j for j in ready if model_key(j) in w.holds), ready[0])
+            ready.remove(job)
+            w.job, w.started = job, time.time()
+            w.inbox.put(job.key)
+            started.append((job, self.where(w)))
+        return started
+
+    def poll(self) -> list[JobRecord]:
+        """Finished records; a worker found dead has its job retried or, past ``retries``, failed."""
+        out = []
+        try:
+            wid, raw = self.outbox.get(timeout=POLL_S)
+        except queue.Empty:
+            pass
+        else:
+            w = self.workers[wid]
+            rec = JobRecord.model_validate(raw)
+            if w.job is not None and w.job.key == rec.key:
+                w.holds.add(model_key(w.job))
+                w.job = None
+            out.append(rec)
+        for w in self.workers:
+            if w.job is not None and not w.proc.is_alive():
+                out.extend(self._lost(w))
+        return out
+
+    def _lost(self, w: _Worker) -> list[JobRecord]:
+        job, code = w.job, w.proc.exitcode
+        n = self.attempts[job.key] = self.attempts.get(job.key, 0) + 1
+        self._start(w)  # a fresh process in its place
+        why = f"worker {w.wid} died (exit code {code}) while running it"
+        if n <= self.retries:
+            self.log(f"{job.label}: {why}; retry {n} of {self.retries} on a fresh worker")
+            w.job, w.started = job, time.time()
+            w.inbox.put(job.key)
+            return []
+        return [JobRecord(key=job.key, kind=job.kind, label=job.label, status="failed", attrs=job.attrs,
+                          config=job.payload, versions=job.versions, deps=job.deps, started=now(),
+                          finished=now(), wall_s=0.0, harness_version=__version__,
+                          error=f"{why}, {n} times (retries: {self.retries})")]
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.proc.is_alive():
+                w.inbox.put(None)
+        for w in self.workers:
+            w.proc.join(timeout=10)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()

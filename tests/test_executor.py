@@ -1,0 +1,117 @@
+"""The worker-pool executor: same results as in-process, a killed worker's job retried, a job that
+always kills its worker recorded failed while the rest of the matrix completes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+import pytest
+
+from backdoor_harness import registry
+from backdoor_harness.matrix import MatrixSpec
+from backdoor_harness.runner import run_matrix
+from backdoor_harness.store import Store
+
+#: a defense module the spawned workers import through HARNESS_PLUGINS: it SIGKILLs its own
+#: process the first `deaths` times it runs (counted in a file, since each death loses memory)
+KILLER = '''
+import os, signal
+from pathlib import Path
+
+import backdoor_harness as bh
+from backdoor_harness import PluginConfig
+
+
+class KillerConfig(PluginConfig):
+    deaths: int = 1
+    counter: str = ""
+
+
+class Killer(bh.Defense):
+    name = "test_killer"
+    version = "1"
+    summary = "kills its worker process the first `deaths` times"
+    paper = "-"
+    Config = KillerConfig
+
+    def purify(self, model, ctx):
+        path = Path(self.config.counter)
+        n = int(path.read_text()) if path.exists() else 0
+        if n < self.config.deaths:
+            path.write_text(str(n + 1))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return model
+
+
+@bh.hookimpl
+def harness_defenses():
+    return [Killer]
+'''
+
+
+@pytest.fixture
+def killer(tmp_path, monkeypatch):
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "killer_defense.py").write_text(textwrap.dedent(KILLER))
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("HARNESS_PLUGINS", "killer_defense")
+    registry.reset()
+    yield tmp_path
+    registry.reset()
+
+
+def spec(defenses, attacks=("badnets", "blended")) -> MatrixSpec:
+    return MatrixSpec.model_validate({
+        "datasets": [{"name": "cifar10", "train_per_class": 20, "test_per_class": 10}],
+        "models": [{"name": "tiny_cnn", "kwargs": {"width": 8}}],
+        "attacks": [{"name": a, "config": {"stamp": "after_augment"}} for a in attacks],
+        "defenses": defenses, "evaluators": ["clean_acc", "asr"], "recipe": {"base": "cpu-quick", "epochs": 1}})
+
+
+def metrics(workdir) -> dict[str, dict]:
+    store = Store(workdir)
+    try:
+        return {r.label: r.metrics for r in store.records("evaluate")}
+    finally:
+        store.close()
+
+
+@pytest.mark.integration
+def test_two_workers_give_the_results_of_one_process(tmp_path):
+    quick = spec(["none", {"name": "ft", "config": {"epochs": 1}}])
+    run_matrix(quick, tmp_path / "one", progress=False, log=lambda *a: None)
+    lines: list[str] = []
+    counts = run_matrix(quick, tmp_path / "pool", progress=False, log=lines.append, workers=2)
+    assert counts["done"] == 14 and counts["failed"] == 0, counts
+    assert "2 workers on CPU" in lines[0]
+    assert metrics(tmp_path / "pool") == metrics(tmp_path / "one")
+
+
+@pytest.mark.integration
+def test_a_killed_worker_is_replaced_and_its_job_retried(killer):
+    counter = killer / "deaths"
+    quick = spec(["none", {"name": "test_killer", "config": {"deaths": 1, "counter": str(counter)}}], ["badnets"])
+    lines: list[str] = []
+    counts = run_matrix(quick, killer / "work", progress=False, log=lines.append, workers=2)
+    assert counts["failed"] == 0 and counts["blocked"] == 0 and counts["done"] == 7, counts
+    assert counter.read_text() == "1"  # it died once ...
+    assert sum("died (exit code -9)" in line and "retry 1 of 2" in line for line in lines) == 1  # ... was retried
+    assert len(metrics(killer / "work")) == 4
+
+
+@pytest.mark.integration
+def test_a_job_that_always_kills_its_worker_fails_and_the_rest_completes(killer):
+    quick = spec(["none", {"name": "test_killer", "config": {"deaths": 99, "counter": str(killer / "n")}}],
+                 ["badnets"])
+    counts = run_matrix(quick, killer / "work", progress=False, log=lambda *a: None, workers=2, retries=1)
+    # the killer's purify fails after 1 + 1 runs, its 2 evaluations are blocked, the rest is done
+    assert counts == {"cached": 0, "done": 4, "failed": 1, "skipped": 0, "blocked": 2}, counts
+    store = Store(killer / "work")
+    failed = [r for r in store.records() if r.status == "failed"]
+    store.close()
+    assert all("died (exit code -9) while running it, 2 times (retries: 1)" in r.error for r in failed)
+    assert (killer / "n").read_text() == "2"
