@@ -25,7 +25,7 @@ from . import __version__
 from .contracts import DefenseContext, EvalContext, PrepareContext
 from .data import DataSpec, ImageSet, load_dataset, reserve_indices
 from .errors import HarnessError
-from .executor import InProcess, WorkerPool
+from .executor import InProcess, RayExecutor, WorkerPool
 from .leaderboard.plots import write_curve_plots
 from .matrix import Job, MatrixSpec, expand
 from .models import (Normalized, channel_stats, create_model, load_attack_state, load_checkpoint, model_family,
@@ -146,7 +146,8 @@ class Runner:
         metrics: dict[str, Any] = {}
         if attack is None:
             stats = fit(model, train, recipe, device=self.device, generator=g, desc=job.label, progress=self.progress)
-        elif attack.training_controlled:
+        elif attack.training_controlled:  # it poisons round(rate * B) images of every batch itself
+            metrics.update(poison_rate=attack.config.poison_rate, stamp="in_training_step")
             stats = fit(model, train, recipe, device=self.device, generator=g, loss_fn=attack.training_loss,
                         desc=job.label, progress=self.progress)
         else:
@@ -255,12 +256,14 @@ class Runner:
 
 
 def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = None, progress: bool = True,
-               log=print, workers: int = 1, devices: list[str] | None = None, retries: int = 2) -> dict[str, int]:
+               log=print, workers: int = 1, devices: list[str] | None = None, retries: int = 2,
+               executor: str = "local", address: str | None = None) -> dict[str, int]:
     """Run (or resume) a matrix in ``workdir``. Returns counts per outcome.
 
     With ``workers == 1`` and no ``devices``, jobs run in this process; otherwise in a
     :class:`~backdoor_harness.executor.WorkerPool` of ``workers`` processes per device
-    (``devices``: CUDA indices, default every visible GPU, or the CPU).
+    (``devices``: CUDA indices, default every visible GPU, or the CPU). ``executor="ray"``
+    runs them on Ray actors instead (``address``: a cluster to join; none starts a local Ray).
     """
     jobs = expand(spec)
     counts = {"cached": 0, "done": 0, "failed": 0, "skipped": 0, "blocked": 0}
@@ -269,21 +272,24 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
     with WorkdirLock(workdir):
         store = Store(workdir)
         save_matrix(spec, workdir)
-        if workers > 1 or devices:
+        if executor == "ray":
+            pool = RayExecutor(workdir, by_key, address=address, per_device=workers, retries=retries, log=log)
+            where = f"{len(pool.actors)} Ray actors"
+        elif workers > 1 or devices:
             if not devices:
                 cuda = device != "cpu" and torch.cuda.is_available()
                 devices = [str(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
-            executor = WorkerPool(workdir, by_key, devices, workers, retries, log=log)
-            where = f"{len(executor.workers)} workers on {'CPU' if devices == ['cpu'] else 'GPU ' + ','.join(devices)}"
+            pool = WorkerPool(workdir, by_key, devices, workers, retries, log=log)
+            where = f"{len(pool.workers)} workers on {'CPU' if devices == ['cpu'] else 'GPU ' + ','.join(devices)}"
         else:
             runner = Runner(store, torch.device(device) if device else default_device(), progress)
             runner._jobs = by_key
-            executor, where = InProcess(runner), f"device {device_name(runner.device)}"
+            pool, where = InProcess(runner), f"device {device_name(runner.device)}"
         log(f"matrix {spec.name!r}: {len(jobs)} jobs, workdir {workdir}, {where}")
         try:
-            _schedule(jobs, store, executor, counts, log)
+            _schedule(jobs, store, pool, counts, log)
         finally:
-            executor.close()
+            pool.close()
         labels = {name: m.doc or name for ref in spec.evaluators
                   for name, m in get_class("evaluator", ref.name).metrics.items() if m.curve}
         plots = write_curve_plots(store.records("evaluate"), store.artifacts / "plots", labels)

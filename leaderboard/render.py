@@ -80,7 +80,8 @@ def column(key: str) -> Column:
 
 
 def _poison_rate(rec: Any, by_key: dict[str, Any]) -> float | None:
-    """The attack's configured poison rate: from the record's attrs, else from its train record."""
+    """The attack's configured poison rate: from the record's attrs, else from its train record, else
+    (old records of a default-rate attack) the installed attack plugin's default."""
     rate = (_get(rec, "attrs") or {}).get("poison_rate")
     if rate is not None:
         return rate
@@ -89,7 +90,15 @@ def _poison_rate(rec: Any, by_key: dict[str, Any]) -> float | None:
     if train is None:
         return None
     attack = (_get(train, "config") or {}).get("attack") or {}
-    return (attack.get("config") or {}).get("poison_rate", (_get(train, "metrics") or {}).get("poison_rate"))
+    rate = (attack.get("config") or {}).get("poison_rate", (_get(train, "metrics") or {}).get("poison_rate"))
+    if rate is None and attack.get("name"):  # records from before rates were recorded: the plugin's default
+        try:
+            from ..registry import get_class
+
+            rate = get_class("attack", attack["name"]).Config().poison_rate
+        except Exception:
+            rate = None
+    return rate
 
 
 def collect(records: Iterable[Any]) -> list[dict[str, Any]]:

