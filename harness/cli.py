@@ -62,7 +62,8 @@ def cmd_run(args) -> int:
                            f"retries at least 0")
     devices = args.devices.split(",") if args.devices else None
     counts = run_matrix(spec, _workdir(args, spec), device=args.device, progress=not args.no_progress,
-                        workers=args.workers, devices=devices, retries=args.retries)
+                        workers=args.workers, devices=devices, retries=args.retries, executor=args.executor,
+                        address=args.address)
     if counts["failed"] or counts["blocked"]:
         print(f"some cells did not finish (see `harness status --workdir {_workdir(args, spec)}`)", file=sys.stderr)
         return 1
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes per device (default 1: jobs run in this process)")
     s.add_argument("--devices", help="GPUs for the workers, e.g. 0,1 (default: every visible GPU, else the CPU)")
     s.add_argument("--retries", type=int, default=2, help="runs of a job whose worker died (default 2)")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (this process, or --workers processes) or ray (pip install backdoor-harness[ray])")
+    s.add_argument("--address", help="with --executor ray: the cluster to join (auto: the running one)")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("golden", help="measure a matrix over several seeds and write golden numbers")
     s.add_argument("spec")

@@ -6,6 +6,8 @@ executor only runs jobs:
 
 - :class:`InProcess` runs one job at a time in the calling process (the
   default on a CPU-only machine, and what the tests use);
+- :class:`RayExecutor` runs them as calls to Ray actors (one per GPU slot,
+  fractional GPUs allowed) on a cluster;
 - :class:`WorkerPool` keeps long-lived worker processes (spawned, each pinned
   to one GPU through ``CUDA_VISIBLE_DEVICES`` before CUDA starts; ``k``
   workers per device), hands each a job when it is free, preferring a job
@@ -34,6 +36,8 @@ from .store import JobRecord, now
 
 #: how often the pool looks at its workers while waiting for results
 POLL_S = 0.5
+#: environment variables a Ray actor gets from the driver
+ENV_PASSED = ("HARNESS_DATA", "HARNESS_CACHE", "HARNESS_PLUGINS", "PYTHONPATH")
 
 
 def model_key(job: Job) -> str:
@@ -205,3 +209,100 @@ class WorkerPool:
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join()
+
+
+class RayExecutor:
+    """The same jobs on a Ray cluster (``pip install backdoor-harness[ray]``): one actor per slot.
+
+    Each actor holds a :class:`~backdoor_harness.runner.Runner` (so, like a
+    pool worker, it keeps the data and models it loaded) and asks Ray for
+    ``1 / per_device`` of a GPU (fractional GPUs: several small jobs share
+    one) or, without GPUs, one CPU. Actors read and write artifacts in the
+    work directory, which must therefore be a path every node can read and
+    write (a shared file system mounted at the same path); only the driver
+    writes the store. An actor lost with its node is restarted by Ray, and the
+    job it ran is run again (``retries``), then recorded failed.
+
+    Args:
+        address: ``ray.init`` address (``"auto"`` joins a running cluster; None starts a local one).
+        slots: how many actors (default: one per GPU times ``per_device``, else the cluster's CPUs).
+    """
+
+    def __init__(self, workdir: Path, jobs: dict[str, Job], *, address: str | None = None, per_device: int = 1,
+                 slots: int | None = None, retries: int = 2, log=print):
+        try:
+            import ray
+        except ImportError:
+            from .errors import HarnessError
+
+            raise HarnessError("--executor ray needs Ray: pip install 'backdoor-harness[ray]'") from None
+        self.ray, self.jobs, self.retries, self.log = ray, jobs, retries, log
+        if not ray.is_initialized():
+            # the actors see the driver's data, cache and plugin settings
+            env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env} if env else None)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        share = {"num_gpus": 1 / per_device, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        n = slots or (gpus * per_device if gpus else int(ray.cluster_resources().get("CPU", 1)))
+        actor = ray.remote(max_restarts=-1)(_RayWorker).options(**share)
+        self.actors = [actor.remote(str(workdir), "cuda" if gpus else "cpu", jobs) for _ in range(n)]
+        self.busy: dict[Any, tuple[int, Job]] = {}  # ObjectRef -> (actor index, job)
+        self.holds: list[set[str]] = [set() for _ in self.actors]
+        self.attempts: dict[str, int] = {}
+
+    def free(self) -> int:
+        return len(self.actors) - len(self.busy)
+
+    def submit(self, ready: list[Job]) -> list[tuple[Job, str]]:
+        started, ready = [], list(ready)
+        idle = [i for i in range(len(self.actors)) if i not in {a for a, _ in self.busy.values()}]
+        for i in idle:
+            if not ready:
+                break
+            job = next((j for j in ready if model_key(j) in self.holds[i]), ready[0])
+            ready.remove(job)
+            self.busy[self.actors[i].run.remote(job.key)] = (i, job)
+            started.append((job, f"ray actor {i}"))
+        return started
+
+    def poll(self) -> list[JobRecord]:
+        done, _ = self.ray.wait(list(self.busy), num_returns=1, timeout=POLL_S) if self.busy else ([], [])
+        out = []
+        for ref in done:
+            i, job = self.busy.pop(ref)
+            try:
+                out.append(JobRecord.model_validate(self.ray.get(ref)))
+                self.holds[i].add(model_key(job))
+            except self.ray.exceptions.RayError as err:  # the actor (or its node) died mid-job
+                n = self.attempts[job.key] = self.attempts.get(job.key, 0) + 1
+                if n <= self.retries:
+                    self.log(f"{job.label}: ray actor {i} lost ({type(err).__name__}); retry {n} of {self.retries}")
+                    self.busy[self.actors[i].run.remote(job.key)] = (i, job)
+                    continue
+                out.append(JobRecord(key=job.key, kind=job.kind, label=job.label, status="failed", attrs=job.attrs,
+                                     config=job.payload, versions=job.versions, deps=job.deps, started=now(),
+                                     finished=now(), wall_s=0.0, harness_version=__version__,
+                                     error=f"ray actor {i} lost {n} times (retries: {self.retries}): {err}"))
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+
+
+class _RayWorker:
+    """A Ray actor's state: a Runner over the shared work directory."""
+
+    def __init__(self, workdir: str, device: str, jobs: dict[str, Job]):
+        import torch
+
+        from .runner import Runner
+        from .store import Store
+
+        self.jobs = jobs
+        self.runner = Runner(Store(workdir), torch.device(device), False)
+        self.runner._jobs = jobs
+
+    def run(self, key: str) -> dict:
+        return self.runner.run_job(self.jobs[key]).model_dump()

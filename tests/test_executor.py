@@ -115,3 +115,22 @@ def test_a_job_that_always_kills_its_worker_fails_and_the_rest_completes(killer)
     store.close()
     assert all("died (exit code -9) while running it, 2 times (retries: 1)" in r.error for r in failed)
     assert (killer / "n").read_text() == "2"
+
+
+@pytest.mark.integration
+def test_the_ray_executor_gives_the_results_of_the_local_one(tmp_path):
+    ray = pytest.importorskip("ray", reason="the test extras install Ray: pip install -e '.[test]'")
+    quick = spec(["none", {"name": "ft", "config": {"epochs": 1}}], ["badnets"])
+    run_matrix(quick, tmp_path / "local", progress=False, log=lambda *a: None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local instance, on the CPU
+    try:
+        lines: list[str] = []
+        counts = run_matrix(quick, tmp_path / "ray", progress=False, log=lines.append, executor="ray")
+    finally:
+        ray.shutdown()
+    assert counts["done"] == 7 and counts["failed"] == 0, counts
+    assert "2 Ray actors" in lines[0]
+    assert metrics(tmp_path / "ray") == metrics(tmp_path / "local")
+    store = Store(tmp_path / "ray")
+    assert {r.device for r in store.records()} == {"cpu (x86_64, 1 threads)"}  # records from the actors
+    store.close()
