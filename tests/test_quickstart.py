@@ -31,6 +31,7 @@ def quickstart(tmp_path_factory) -> dict:
     return {(c["attack"], c["defense"]): c["metrics"] for c in json.loads(out)}
 
 
+@pytest.mark.slow  # minutes on 2 cores: `make test` checks the same phenomenon on the golden matrix
 @pytest.mark.integration
 @pytest.mark.parametrize("attack", ["badnets", "blended"])
 def test_quickstart_phenomenon(quickstart, attack):
