@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .matrix import Job
-from .store import JobRecord, now
+from .store import JobRecord, job_record, now
 
 #: how often the pool looks at its workers while waiting for results
 POLL_S = 0.5
@@ -195,10 +194,8 @@ class WorkerPool:
             w.job, w.started = job, time.time()
             w.inbox.put(job.key)
             return []
-        return [JobRecord(key=job.key, kind=job.kind, label=job.label, status="failed", attrs=job.attrs,
-                          config=job.payload, versions=job.versions, deps=job.deps, started=now(),
-                          finished=now(), wall_s=0.0, harness_version=__version__,
-                          error=f"{why}, {n} times (retries: {self.retries})")]
+        return [job_record(job, "failed", finished=now(), wall_s=0.0,
+                           error=f"{why}, {n} times (retries: {self.retries})")]
 
     def close(self) -> None:
         for w in self.workers:
@@ -280,10 +277,8 @@ class RayExecutor:
                     self.log(f"{job.label}: ray actor {i} lost ({type(err).__name__}); retry {n} of {self.retries}")
                     self.busy[self.actors[i].run.remote(job.key)] = (i, job)
                     continue
-                out.append(JobRecord(key=job.key, kind=job.kind, label=job.label, status="failed", attrs=job.attrs,
-                                     config=job.payload, versions=job.versions, deps=job.deps, started=now(),
-                                     finished=now(), wall_s=0.0, harness_version=__version__,
-                                     error=f"ray actor {i} lost {n} times (retries: {self.retries}): {err}"))
+                out.append(job_record(job, "failed", finished=now(), wall_s=0.0,
+                                      error=f"ray actor {i} lost {n} times (retries: {self.retries}): {err}"))
         return out
 
     def close(self) -> None:

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .contracts import DefenseContext, EvalContext, PrepareContext
 from .data import DataSpec, ImageSet, load_dataset, reserve_indices
 from .errors import HarnessError
@@ -32,7 +31,7 @@ from .models import (Normalized, channel_stats, create_model, load_attack_state,
                      save_checkpoint)
 from .registry import create, get_class
 from .status import save_matrix
-from .store import JobRecord, Store, WorkdirLock, now, sha256_file
+from .store import JobRecord, Store, WorkdirLock, job_record, now, sha256_file
 from .train import Recipe, default_device, fit, predict
 
 
@@ -234,9 +233,7 @@ class Runner:
 
     def run_job(self, job: Job) -> JobRecord:
         """Run one job; its artifact is on disk when this returns. The record is the caller's to store."""
-        rec = JobRecord(key=job.key, kind=job.kind, label=job.label, status="running", attrs=job.attrs,
-                        config=job.payload, versions=job.versions, deps=job.deps, started=now(),
-                        device=device_name(self.device), harness_version=__version__)
+        rec = job_record(job, "running", device=device_name(self.device))
         t0 = time.perf_counter()
         try:
             metrics, model, *state = getattr(self, f"run_{job.kind}")(job)
@@ -329,9 +326,7 @@ def _schedule(jobs: list[Job], store: Store, executor, counts: dict[str, int], l
             up = store.get(bad[0])
             status = "skipped" if up and up.status == "skipped" else "blocked"
             why = f"upstream {labels[bad[0]]} is {up.status if up else 'missing'}"
-            store.put(JobRecord(key=job.key, kind=job.kind, label=job.label, attrs=job.attrs, config=job.payload,
-                                versions=job.versions, deps=job.deps, status=status, error=why, started=now(),
-                                finished=now(), harness_version=__version__))
+            store.put(job_record(job, status, error=why, finished=now()))
             counts[status] += 1
             del pending[job.key]
             log(f"{tags[job.key]} {job.label}: not run ({why})")
@@ -339,9 +334,7 @@ def _schedule(jobs: list[Job], store: Store, executor, counts: dict[str, int], l
             for job, where in executor.submit(ready):
                 del pending[job.key]
                 running[job.key] = job
-                store.put(JobRecord(key=job.key, kind=job.kind, label=job.label, status="running", attrs=job.attrs,
-                                    config=job.payload, versions=job.versions, deps=job.deps, started=now(),
-                                    device=where, harness_version=__version__))
+                store.put(job_record(job, "running", device=where))
         if not running:
             continue
         for rec in executor.poll():

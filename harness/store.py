@@ -53,6 +53,15 @@ class JobRecord(BaseModel):
     artifact_sha256: str | None = None
 
 
+def job_record(job: Any, status: Status, **fields: Any) -> JobRecord:
+    """A record of ``job`` (a :class:`~backdoor_harness.matrix.Job`) started now, with the harness version."""
+    from . import __version__
+
+    return JobRecord(key=job.key, kind=job.kind, label=job.label, status=status, attrs=job.attrs,
+                     config=job.payload, versions=job.versions, deps=job.deps, started=time.time(),
+                     harness_version=__version__, **fields)
+
+
 _COLUMNS = list(JobRecord.model_fields)
 _JSON = {"attrs", "config", "versions", "deps", "metrics"}
 
