@@ -83,7 +83,7 @@ def cmd_status(args) -> int:
     from tabulate import tabulate
 
     from .status import load_jobs, summarize
-    from .store import active_run
+    from .store import active_runs
 
     store = _store(args)
     recs = list(store.records())
@@ -91,11 +91,13 @@ def cmd_status(args) -> int:
     info = summarize(recs, jobs)
     rows = [[k, s, n] for (k, s), n in sorted(info["counts"].items())]
     print(tabulate(rows, headers=["kind", "status", "jobs"], tablefmt="simple"))
-    pid = active_run(store.workdir)
-    print(f"\n{'a run is active (pid ' + pid + ')' if pid else 'no run is active'} in {store.workdir}")
-    for r in info["running"]:
+    runs = active_runs(store.workdir)
+    active = f"{len(runs)} run(s) active ({'; '.join(runs.values())})" if runs else "no run is active"
+    print(f"\n{active} in {store.workdir}")
+    claims = store.claims()
+    for r in info["running"]:  # a running record without a live run's claim was interrupted
         where = f"on {r.device or '?'}, for {info['now'] - (r.started or info['now']):.0f} s"
-        print(f"{'running' if pid else 'interrupted':11} {r.key[:12]} {r.label} ({where})")
+        print(f"{'running' if r.key in claims else 'interrupted':11} {r.key[:12]} {r.label} ({where})")
     for r in recs:
         if r.status in ("failed", "blocked", "skipped"):
             reason = (r.error or "").strip().splitlines()[-1:] or [""]

@@ -15,9 +15,10 @@ executor only runs jobs:
   models are cached there), and replaces a worker that dies or hits a CUDA
   error, retrying its job (twice by default) before recording it failed.
 
-Both speak the same small interface: ``free()`` (how many jobs it can take
-now), ``submit(jobs)`` (it picks which of the ready jobs to start and returns
-them, with where each runs), ``poll()`` (finished records) and ``close()``.
+They speak the same small interface: ``free()`` (how many jobs it can take
+now), ``submit(jobs, claim)`` (it picks which of the ready jobs to start,
+starting only those ``claim`` grants, and returns them with where each runs),
+``poll()`` (finished records) and ``close()``.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .matrix import Job
 from .store import JobRecord, job_record, now
 
 #: how often the pool looks at its workers while waiting for results
 POLL_S = 0.5
+#: how long a Ray actor may stay unavailable (its node silent, not yet declared dead) before its
+#: job counts a retry
+UNAVAILABLE_S = 300.0
 #: environment variables a Ray actor gets from the driver
 ENV_PASSED = ("HARNESS_DATA", "HARNESS_CACHE", "HARNESS_PLUGINS", "PYTHONPATH")
 
@@ -42,6 +46,19 @@ ENV_PASSED = ("HARNESS_DATA", "HARNESS_CACHE", "HARNESS_PLUGINS", "PYTHONPATH")
 def model_key(job: Job) -> str:
     """The attacked (or clean) model a job works on: its own key for a train job, else its first upstream."""
     return job.key if job.kind in ("train", "prepare") or not job.deps else job.deps[0]
+
+
+Claim = Callable[[Job], bool]
+
+
+def pick(ready: list[Job], holds: set[str], claim: Claim) -> Job | None:
+    """Take from ``ready`` the job to start next: the first one on a model in ``holds``, else the
+    first one, skipping (and dropping) the jobs ``claim`` refuses (another run has them)."""
+    for job in sorted(ready, key=lambda j: model_key(j) not in holds):  # stable: order kept otherwise
+        ready.remove(job)
+        if claim(job):
+            return job
+    return None
 
 
 class InProcess:
@@ -54,11 +71,11 @@ class InProcess:
     def free(self) -> int:
         return 0 if self._next else 1
 
-    def submit(self, ready: list[Job]) -> list[tuple[Job, str]]:
+    def submit(self, ready: list[Job], claim: Claim = lambda job: True) -> list[tuple[Job, str]]:
         from .runner import device_name
 
-        self._next = ready[0]
-        return [(ready[0], device_name(self.runner.device))]
+        self._next = pick(list(ready), set(), claim)
+        return [(self._next, device_name(self.runner.device))] if self._next else []
 
     def poll(self) -> list[JobRecord]:
         job, self._next = self._next, None
@@ -152,14 +169,13 @@ class WorkerPool:
     def free(self) -> int:
         return sum(w.job is None for w in self.workers)
 
-    def submit(self, ready: list[Job]) -> list[tuple[Job, str]]:
+    def submit(self, ready: list[Job], claim: Claim = lambda job: True) -> list[tuple[Job, str]]:
         """Give free workers ready jobs, each preferring one on a model it already holds."""
         started, ready = [], list(ready)
         for w in (w for w in self.workers if w.job is None):
-            if not ready:
+            job = pick(ready, w.holds, claim)
+            if job is None:
                 break
-            job = next((j for j in ready if model_key(j) in w.holds), ready[0])
-            ready.remove(job)
             w.job, w.started = job, time.time()
             w.inbox.put(job.key)
             started.append((job, self.where(w)))
@@ -242,43 +258,74 @@ class RayExecutor:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         share = {"num_gpus": 1 / per_device, "num_cpus": 1} if gpus else {"num_cpus": 1}
         n = slots or (gpus * per_device if gpus else int(ray.cluster_resources().get("CPU", 1)))
-        actor = ray.remote(max_restarts=-1)(_RayWorker).options(**share)
+        actor = ray.remote(max_restarts=-1)(_RayWorker).options(**share)  # Ray restarts a lost actor
         self.actors = [actor.remote(str(workdir), "cuda" if gpus else "cpu", jobs) for _ in range(n)]
         self.busy: dict[Any, tuple[int, Job]] = {}  # ObjectRef -> (actor index, job)
+        self.later: dict[int, tuple[float, Job]] = {}  # actor index -> (when to call it again, job)
         self.holds: list[set[str]] = [set() for _ in self.actors]
         self.attempts: dict[str, int] = {}
+        self.unavailable_since: dict[str, float] = {}
+
+    def _taken(self) -> set[int]:
+        return {i for i, _ in self.busy.values()} | set(self.later)
 
     def free(self) -> int:
-        return len(self.actors) - len(self.busy)
+        return len(self.actors) - len(self._taken())
 
-    def submit(self, ready: list[Job]) -> list[tuple[Job, str]]:
+    def _call(self, i: int, job: Job) -> None:
+        self.busy[self.actors[i].run.remote(job.key)] = (i, job)
+
+    def submit(self, ready: list[Job], claim: Claim = lambda job: True) -> list[tuple[Job, str]]:
         started, ready = [], list(ready)
-        idle = [i for i in range(len(self.actors)) if i not in {a for a, _ in self.busy.values()}]
-        for i in idle:
-            if not ready:
+        for i in [i for i in range(len(self.actors)) if i not in self._taken()]:
+            job = pick(ready, self.holds[i], claim)
+            if job is None:
                 break
-            job = next((j for j in ready if model_key(j) in self.holds[i]), ready[0])
-            ready.remove(job)
-            self.busy[self.actors[i].run.remote(job.key)] = (i, job)
+            self._call(i, job)
             started.append((job, f"ray actor {i}"))
         return started
 
     def poll(self) -> list[JobRecord]:
-        done, _ = self.ray.wait(list(self.busy), num_returns=1, timeout=POLL_S) if self.busy else ([], [])
+        """Finished records. A call that fails because its actor is lost is made again on the
+        restarted actor: at once when Ray reports the actor died (a retry, ``retries`` at most),
+        after a second when Ray only reports it unavailable (its node stopped answering and Ray
+        has not yet declared it dead: no retry is counted, for up to ``UNAVAILABLE_S``)."""
+        for i, (t, job) in list(self.later.items()):
+            if time.time() >= t:
+                del self.later[i]
+                self._call(i, job)
+        if not self.busy:
+            time.sleep(POLL_S)
+            return []
+        done, _ = self.ray.wait(list(self.busy), num_returns=1, timeout=POLL_S)
         out = []
         for ref in done:
             i, job = self.busy.pop(ref)
             try:
                 out.append(JobRecord.model_validate(self.ray.get(ref)))
                 self.holds[i].add(model_key(job))
-            except self.ray.exceptions.RayError as err:  # the actor (or its node) died mid-job
-                n = self.attempts[job.key] = self.attempts.get(job.key, 0) + 1
-                if n <= self.retries:
-                    self.log(f"{job.label}: ray actor {i} lost ({type(err).__name__}); retry {n} of {self.retries}")
-                    self.busy[self.actors[i].run.remote(job.key)] = (i, job)
+                continue
+            except self.ray.exceptions.ActorUnavailableError as err:
+                if job.key not in self.unavailable_since:
+                    self.log(f"{job.label}: ray actor {i} unavailable (its node stopped answering); "
+                             f"calling it again as Ray restarts it")
+                first = self.unavailable_since.setdefault(job.key, time.time())
+                if time.time() - first < UNAVAILABLE_S:
+                    self.later[i] = (time.time() + 1.0, job)
                     continue
-                out.append(job_record(job, "failed", finished=now(), wall_s=0.0,
-                                      error=f"ray actor {i} lost {n} times (retries: {self.retries}): {err}"))
+                why = f"unavailable for {UNAVAILABLE_S:.0f} s: {err}"
+            except self.ray.exceptions.RayError as err:  # the actor (or its node) died mid-job
+                why = f"{type(err).__name__}: {err}"
+            self.unavailable_since.pop(job.key, None)
+            self.holds[i] = set()
+            n = self.attempts[job.key] = self.attempts.get(job.key, 0) + 1
+            if n <= self.retries:
+                self.log(f"{job.label}: ray actor {i} lost ({why.splitlines()[0][:120]}); "
+                         f"retry {n} of {self.retries}")
+                self._call(i, job)
+                continue
+            out.append(job_record(job, "failed", finished=now(), wall_s=0.0,
+                                  error=f"ray actor {i} lost {n} times (retries: {self.retries}): {why}"))
         return out
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ rest of the matrix goes on. Both are retried by the next run.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
@@ -24,14 +25,14 @@ import torch
 from .contracts import DefenseContext, EvalContext, PrepareContext
 from .data import DataSpec, ImageSet, load_dataset, reserve_indices
 from .errors import HarnessError
-from .executor import InProcess, RayExecutor, WorkerPool
+from .executor import POLL_S, InProcess, RayExecutor, WorkerPool
 from .leaderboard.plots import write_curve_plots
 from .matrix import Job, MatrixSpec, expand
 from .models import (Normalized, channel_stats, create_model, load_attack_state, load_checkpoint, model_family,
                      save_checkpoint)
 from .registry import create, get_class
 from .status import save_matrix
-from .store import JobRecord, Store, WorkdirLock, job_record, now, sha256_file
+from .store import FINISHED, JobRecord, RunLease, Store, active_runs, job_record, now, sha256_file
 from .train import Recipe, default_device, fit, predict
 
 
@@ -266,7 +267,7 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
     counts = {"cached": 0, "done": 0, "failed": 0, "skipped": 0, "blocked": 0}
     workdir = Path(workdir)
     by_key = {j.key: j for j in jobs}
-    with WorkdirLock(workdir):
+    with RunLease(workdir) as lease:
         store = Store(workdir)
         save_matrix(spec, workdir)
         if executor == "ray":
@@ -283,10 +284,15 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
             runner._jobs = by_key
             pool, where = InProcess(runner), f"device {device_name(runner.device)}"
         log(f"matrix {spec.name!r}: {len(jobs)} jobs, workdir {workdir}, {where}")
+        others = [who for run, who in active_runs(workdir).items() if run != lease.id]
+        if others:
+            log(f"{len(others)} other `harness run` on this work directory ({'; '.join(others)}): "
+                f"sharing the work, each job runs in one of them")
         try:
-            _schedule(jobs, store, pool, counts, log)
+            _schedule(jobs, store, pool, counts, log, lease.id)
         finally:
             pool.close()
+            store.release_all(lease.id)
         labels = {name: m.doc or name for ref in spec.evaluators
                   for name, m in get_class("evaluator", ref.name).metrics.items() if m.curve}
         plots = write_curve_plots(store.records("evaluate"), store.artifacts / "plots", labels)
@@ -297,9 +303,15 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
     return counts
 
 
-def _schedule(jobs: list[Job], store: Store, executor, counts: dict[str, int], log) -> None:
+def _schedule(jobs: list[Job], store: Store, executor, counts: dict[str, int], log, run: str | None = None
+              ) -> None:
     """Hand every job whose upstreams are done to the executor and store what comes back; a job
-    whose upstream failed (or was skipped) is recorded blocked (skipped) without running."""
+    whose upstream failed (or was skipped) is recorded blocked (skipped) without running.
+
+    ``run`` (a :class:`~backdoor_harness.store.RunLease` id): claim each job in the store before
+    starting it, so that other runs on the same work directory never start it too; jobs they hold
+    are waited for and counted ``cached`` once they finish there."""
+    began = now()
     width = len(str(len(jobs)))
     tags = {j.key: f"[{i:>{width}}/{len(jobs)}]" for i, j in enumerate(jobs, 1)}
     labels = {j.key: j.label for j in jobs}
@@ -314,7 +326,26 @@ def _schedule(jobs: list[Job], store: Store, executor, counts: dict[str, int], l
                 f"recorded sha256 (truncated or corrupt): recomputing")
         pending[job.key] = job
     running: dict[str, Job] = {}
+    elsewhere: dict[str, str] = {}  # job key -> the other run that holds it (or finished it)
+
+    recompute: set[str] = set()  # finished by another run, but its artifact fails the check
+
+    def claim(job: Job) -> bool:
+        owner = store.claim(job.key, run, math.inf if job.key in recompute else began) if run else None
+        if owner is not None:
+            elsewhere[job.key] = owner
+        return owner is None
+
+    waiting = False
     while pending or running:
+        for key in list(elsewhere):  # finished there: reuse it; else try to claim it again below
+            if store.is_final(key):
+                counts["cached"] += 1
+                del pending[key]
+                log(f"{tags[key]} {labels[key]}: done by another run")
+            elif elsewhere[key] == FINISHED:
+                recompute.add(key)
+        elsewhere.clear()
         ready = []
         for job in list(pending.values()):
             if any(d in pending or d in running for d in job.deps):
@@ -331,12 +362,21 @@ def _schedule(jobs: list[Job], store: Store, executor, counts: dict[str, int], l
             del pending[job.key]
             log(f"{tags[job.key]} {job.label}: not run ({why})")
         if ready and executor.free():
-            for job, where in executor.submit(ready):
+            for job, where in executor.submit(ready, claim):
                 del pending[job.key]
                 running[job.key] = job
                 store.put(job_record(job, "running", device=where))
         if not running:
+            held = {o for o in elsewhere.values() if o != FINISHED}
+            if held and not waiting:
+                who = active_runs(store.workdir)
+                log(f"waiting: the {len(elsewhere)} job(s) left that can start are held by another "
+                    f"`harness run` on this work directory ({'; '.join(sorted(who.get(o, o) for o in held))})")
+            waiting = bool(held)
+            if held:
+                time.sleep(POLL_S)
             continue
+        waiting = False
         for rec in executor.poll():
             running.pop(rec.key, None)
             store.put(rec)

@@ -3,6 +3,12 @@
 A job whose record says ``done`` is never recomputed. Records are written only
 after the job's artifact is completely on disk (atomic rename), so a killed
 run leaves no record claiming work that does not exist.
+
+Several ``harness run`` processes may share one work directory. Each holds a
+:class:`RunLease` (a file under ``.runs/`` it keeps locked while it lives)
+and claims a job in the store's ``claims`` table, in one SQLite transaction,
+before it starts it: a job is run by one live run at a time, and a claim
+whose run has died (its lease is no longer locked) is taken over.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -26,6 +33,8 @@ Status = Literal["running", "done", "failed", "skipped", "blocked"]
 #: done and skipped (the plugin cannot run this cell) are final; failed and
 #: blocked (an upstream job failed) are retried by the next run.
 FINAL = ("done", "skipped")
+#: what :meth:`Store.claim` answers for a job another run has finished meanwhile
+FINISHED = "finished"
 
 
 class JobRecord(BaseModel):
@@ -87,14 +96,58 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         cols = ", ".join(f"{c} TEXT" if c != "key" else "key TEXT PRIMARY KEY" for c in _COLUMNS)
         self.db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({cols})")
+        self.db.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, run TEXT, since REAL)")
 
     def close(self) -> None:
         self.db.close()
 
     def put(self, rec: JobRecord) -> None:
+        """Store ``rec``; a final outcome (not ``running``) also releases the job's claim."""
         row = [json.dumps(getattr(rec, c)) if c in _JSON else getattr(rec, c) for c in _COLUMNS]
         marks = ", ".join("?" for _ in _COLUMNS)
-        self.db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({marks})", row)
+        with self._transaction():
+            self.db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({marks})", row)
+            if rec.status != "running":
+                self.db.execute("DELETE FROM claims WHERE key = ?", (rec.key,))
+
+    def _transaction(self):
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on an error): one writer at a time."""
+        db = self.db
+
+        class _Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, kind, *_):
+                db.execute("ROLLBACK" if kind else "COMMIT")
+
+        return _Tx()
+
+    # -- claims: which live run is running a job ------------------------------------
+
+    def claim(self, key: str, run: str, since: float = 0.0) -> str | None:
+        """Claim job ``key`` for run ``run``. Returns None when it is ours now; else the id of the
+        live run that holds it, or :data:`FINISHED` when a run finished it after ``since`` (the
+        claimer's start: what it saw unfinished then is final now). A dead run's claim is taken over."""
+        with self._transaction():
+            row = self.db.execute("SELECT run FROM claims WHERE key = ?", (key,)).fetchone()
+            if row and row[0] != run and lease_alive(self.workdir, row[0]):
+                return row[0]
+            done = self.db.execute("SELECT status, finished FROM jobs WHERE key = ?", (key,)).fetchone()
+            if done and done[0] in FINAL and float(done[1] or 0) >= since:
+                return FINISHED
+            self.db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (key, run, time.time()))
+        return None
+
+    def claims(self) -> dict[str, str]:
+        """Job key -> the run id of every claim whose run is alive."""
+        rows = self.db.execute("SELECT key, run FROM claims").fetchall()
+        alive = {run: lease_alive(self.workdir, run) for run in {r for _, r in rows}}
+        return {k: r for k, r in rows if alive[r]}
+
+    def release_all(self, run: str) -> None:
+        """Drop every claim of ``run`` (a run that ends gives back what it did not finish)."""
+        self.db.execute("DELETE FROM claims WHERE run = ?", (run,))
 
     @staticmethod
     def _record(row: sqlite3.Row | tuple) -> JobRecord:
@@ -154,48 +207,68 @@ class Store:
         return n
 
 
-class WorkdirLock:
-    """An exclusive lock on a work directory: two runs never write one store."""
+RUNS_DIR = ".runs"
+
+
+class RunLease:
+    """This run's lease on a work directory: ``.runs/<id>``, locked (``flock``) while the run lives.
+
+    The kernel drops the lock when the process dies, however it dies, so
+    :func:`lease_alive` tells a live run from a killed one. The file holds the
+    host and pid, for messages. (On a shared file system across nodes the
+    lock needs one that supports ``flock``, e.g. NFSv4.)
+    """
 
     def __init__(self, workdir: Path):
-        self.path = Path(workdir) / ".lock"
+        self.folder = Path(workdir) / RUNS_DIR
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        self.path = self.folder / self.id
         self.fd: int | None = None
 
-    def __enter__(self) -> "WorkdirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise HarnessError(f"work directory {self.path.parent} is in use by another `harness run` "
-                               f"(pid {holder}); wait for it to finish or use another --workdir") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+    def __enter__(self) -> "RunLease":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{self.id}.new"  # locked before it gets its name: never seen unlocked
+        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(self.fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        tmp.replace(self.path)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.fd is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
+            self.fd = None
 
 
-def active_run(workdir: Path) -> str | None:
-    """The pid of the `harness run` holding ``workdir``'s lock, or None when no run holds it."""
-    path = Path(workdir) / ".lock"
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDWR)
+def lease_alive(workdir: Path, run: str) -> bool:
+    """Whether run ``run`` still holds its lease on ``workdir``."""
+    try:
+        fd = os.open(Path(workdir) / RUNS_DIR / run, os.O_RDWR)
+    except FileNotFoundError:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        return True
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        return False
     finally:
         os.close(fd)
+
+
+def active_runs(workdir: Path) -> dict[str, str]:
+    """Run id -> ``host pid N`` of every `harness run` alive on ``workdir``; dead runs' leases are removed."""
+    folder = Path(workdir) / RUNS_DIR
+    out = {}
+    for path in sorted(folder.glob("[!.]*")) if folder.is_dir() else []:
+        if lease_alive(workdir, path.name):
+            out[path.name] = path.read_text().strip() or path.name
+        else:
+            path.unlink(missing_ok=True)
+    return out
 
 
 def now() -> float:

@@ -10,6 +10,7 @@ averaged point-wise.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -75,8 +76,10 @@ def write_curve_plots(records: Iterable[Any], folder: str | Path,
         ax.legend(fontsize=8)
         fig.tight_layout()
         stem = folder / f"{metric}-{dataset}-{model}-{attack}".replace("/", "_")
-        for ext in ("png", "svg"):
-            fig.savefig(f"{stem}.{ext}")
+        for ext in ("png", "svg"):  # via a private file and a rename: concurrent runs never mix two plots
+            tmp = Path(f"{stem}.{os.getpid()}.tmp.{ext}")
+            fig.savefig(tmp)
+            tmp.replace(f"{stem}.{ext}")
             written.append(Path(f"{stem}.{ext}"))
         plt.close(fig)
     return written

@@ -134,3 +134,83 @@ def test_the_ray_executor_gives_the_results_of_the_local_one(tmp_path):
     store = Store(tmp_path / "ray")
     assert {r.device for r in store.records()} == {"cpu (x86_64, 1 threads)"}  # records from the actors
     store.close()
+
+
+#: a defense whose first run announces itself (a file) and then waits to be killed with its node
+STALLER = '''
+import time
+from pathlib import Path
+
+import backdoor_harness as bh
+from backdoor_harness import PluginConfig
+
+
+class StallerConfig(PluginConfig):
+    folder: str = ""
+
+
+class Staller(bh.Defense):
+    name = "test_staller"
+    version = "1"
+    summary = "the first run stalls until its node is removed"
+    paper = "-"
+    Config = StallerConfig
+
+    def purify(self, model, ctx):
+        runs = Path(self.config.folder) / "runs"
+        n = int(runs.read_text()) if runs.exists() else 0
+        runs.write_text(str(n + 1))
+        if n == 0:
+            time.sleep(300)
+        return model
+
+
+@bh.hookimpl
+def harness_defenses():
+    return [Staller]
+'''
+
+
+@pytest.mark.integration
+def test_ray_reruns_the_job_of_a_lost_node(tmp_path, monkeypatch):
+    """A real node loss: a local Ray cluster of a head (no CPUs) and one worker node; while the
+    actor on that node runs a job, the node's processes are killed and a new node joins. Ray
+    restarts the actor there, the executor reruns the job, and the matrix completes."""
+    ray = pytest.importorskip("ray", reason="the test extras install Ray: pip install -e '.[test]'")
+    from ray.cluster_utils import Cluster
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "staller_defense.py").write_text(textwrap.dedent(STALLER))
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("HARNESS_PLUGINS", "staller_defense")
+    registry.reset()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    first = cluster.add_node(num_cpus=1)
+
+    from backdoor_harness.executor import RayExecutor
+
+    poll, lost = RayExecutor.poll, []
+
+    def poll_and_lose_the_node(self):  # the driver's loop (Ray starts nodes from the main thread only)
+        if not lost and (tmp_path / "runs").exists():
+            lost.append(cluster.add_node(num_cpus=1))
+            cluster.remove_node(first, allow_graceful=False)
+        return poll(self)
+
+    monkeypatch.setattr(RayExecutor, "poll", poll_and_lose_the_node)
+    lines: list[str] = []
+    try:
+        quick = spec(["none", {"name": "test_staller", "config": {"folder": str(tmp_path)}}], ["badnets"])
+        counts = run_matrix(quick, tmp_path / "work", progress=False, log=lines.append, executor="ray",
+                            address=cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        registry.reset()
+    assert lost, "the job never started on the first node"
+    assert counts["done"] == 7 and counts["failed"] == 0, (counts, lines)
+    assert (tmp_path / "runs").read_text() == "2"  # stalled once on the lost node, then run again
+    # Ray reports the call lost as the actor's node goes (unavailable, or died if Ray noticed first)
+    assert sum("ray actor 0 unavailable" in line or "retry 1 of 2" in line for line in lines) == 1, lines

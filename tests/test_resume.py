@@ -1,4 +1,5 @@
-"""Resume: SIGKILL a real `harness run` mid-matrix, rerun, compare with an uninterrupted run."""
+"""Resume and sharing: SIGKILL a real `harness run` mid-matrix and rerun, or run two at once on one
+work directory; either way the results equal an uninterrupted run's and no job runs twice."""
 
 from __future__ import annotations
 
@@ -54,12 +55,22 @@ def metrics(workdir: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.integration
-def test_killed_run_resumes_without_recomputing(tmp_path: Path):
-    spec = tmp_path / "m.yaml"
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> tuple[Path, int, dict[str, dict]]:
+    """The matrix file, its job count, and the metrics of an uninterrupted run of it."""
+    folder = tmp_path_factory.mktemp("resume")
+    spec = folder / "m.yaml"
     spec.write_text(MATRIX)
     total = int(subprocess.run(harness("validate", str(spec)), capture_output=True, text=True, check=True)
                 .stdout.split("valid; ")[1].split()[0])
+    subprocess.run(harness("run", str(spec), "--workdir", str(folder / "fresh"), "--no-progress"), check=True,
+                   capture_output=True)
+    return spec, total, metrics(folder / "fresh")
+
+
+@pytest.mark.integration
+def test_killed_run_resumes_without_recomputing(tmp_path: Path, fresh):
+    spec, total, uninterrupted = fresh
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(harness("run", str(spec), "--workdir", str(killed), "--no-progress"),
@@ -81,12 +92,27 @@ def test_killed_run_resumes_without_recomputing(tmp_path: Path):
     assert {k: after[k] for k in before} == before
     assert f"cached {len(before)} done {total - len(before)}" in out.stdout
 
-    fresh = tmp_path / "fresh"
-    subprocess.run(harness("run", str(spec), "--workdir", str(fresh), "--no-progress"), check=True,
-                   capture_output=True)
-    assert metrics(killed) == metrics(fresh)
+    assert metrics(killed) == uninterrupted
 
     # a third run has nothing left to do
     again = subprocess.run(harness("run", str(spec), "--workdir", str(killed), "--no-progress"),
                            capture_output=True, text=True, check=True)
     assert f"cached {total} done 0" in again.stdout
+
+
+@pytest.mark.integration
+def test_two_runs_on_one_workdir_share_the_jobs(tmp_path: Path, fresh):
+    spec, total, uninterrupted = fresh
+    shared = tmp_path / "shared"
+    procs = [subprocess.Popen(harness("run", str(spec), "--workdir", str(shared), "--no-progress"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    # every job ran in exactly one of them; the other counted it as cached (done there)
+    counts = [dict(zip(*[iter(out.strip().splitlines()[-1].split())] * 2)) for out, _ in outs]
+    assert all(c["failed"] == c["blocked"] == "0" and int(c["cached"]) + int(c["done"]) == total for c in counts)
+    done = [int(c["done"]) for c in counts]
+    assert sum(done) == total and min(done) > 0, (done, outs[0][0])
+    assert len(done_jobs(shared)) == total
+    assert metrics(shared) == uninterrupted
+    assert not list((shared / ".runs").glob("[!.]*"))  # both leases given back

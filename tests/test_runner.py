@@ -1,8 +1,11 @@
-"""The executor and the store: failures, skips, locks, status/show/leaderboard."""
+"""The executor and the store: failures, skips, claims, status/show/leaderboard."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import types
 
 import pytest
@@ -12,7 +15,7 @@ from backdoor_harness import cli, registry
 from backdoor_harness.leaderboard.render import render
 from backdoor_harness.matrix import MatrixSpec
 from backdoor_harness.runner import run_matrix
-from backdoor_harness.store import JobRecord, Store, WorkdirLock
+from backdoor_harness.store import FINISHED, JobRecord, RunLease, Store, active_runs
 
 
 class Explodes(bh.Defense):
@@ -85,13 +88,32 @@ def test_failing_cell_is_recorded_and_the_rest_goes_on(tmp_path, plugins, capsys
     assert again["cached"] == 7 and again["failed"] == 1 and again["done"] == 0
 
 
-def test_second_run_on_a_workdir_is_refused_clearly(tmp_path):
-    with WorkdirLock(tmp_path):
-        with pytest.raises(bh.HarnessError, match="in use by another `harness run`"):
-            with WorkdirLock(tmp_path):
-                pass
-    with WorkdirLock(tmp_path):  # released
-        pass
+def test_a_job_is_claimed_by_one_live_run_and_a_dead_runs_claim_is_taken_over(tmp_path):
+    store = Store(tmp_path)
+    with RunLease(tmp_path) as a, RunLease(tmp_path) as b:
+        assert set(active_runs(tmp_path)) == {a.id, b.id}
+        assert store.claim("k1", a.id) is None and store.claim("k1", a.id) is None  # ours, idempotent
+        assert store.claim("k1", b.id) == a.id  # a live run holds it
+        assert store.claims() == {"k1": a.id}
+    # a ended (its lease is gone): its claim is taken over
+    with RunLease(tmp_path) as c:
+        assert store.claim("k1", c.id) is None
+        # a run killed without cleaning up (the kernel drops its lock, the file stays) counts as dead
+        code = ("import os, sys; from backdoor_harness.store import RunLease, Store; "
+                "lease = RunLease(sys.argv[1]).__enter__(); Store(sys.argv[1]).claim('k2', lease.id); "
+                "print(lease.id); os._exit(0)")
+        dead = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert (tmp_path / ".runs" / dead).exists() and list(active_runs(tmp_path)) == [c.id]
+        assert store.claim("k2", c.id) is None
+        # a final record releases its claim; a job finished after a run began is not claimed again
+        store.put(JobRecord(key="k2", kind="train", label="x", status="done", finished=time.time()))
+        assert "k2" not in store.claims()
+        assert store.claim("k2", c.id, since=time.time() - 60) == FINISHED
+        assert store.claim("k2", c.id, since=time.time() + 60) is None  # finished before: recompute allowed
+        store.release_all(c.id)
+        assert store.claims() == {}
+    assert active_runs(tmp_path) == {}
 
 
 def test_store_roundtrip_and_jsonl(tmp_path):
