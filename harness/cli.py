@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def cmd_run(args) -> int:
         raise HarnessError(f"--workers {args.workers} --retries {args.retries}: workers must be at least 1 and "
                            f"retries at least 0")
     devices = args.devices.split(",") if args.devices else None
+    if args.compile:
+        os.environ["HARNESS_COMPILE"] = "1"  # workers and Ray actors inherit it
     counts = run_matrix(spec, _workdir(args, spec), device=args.device, progress=not args.no_progress,
                         workers=args.workers, devices=devices, retries=args.retries, executor=args.executor,
                         address=args.address)
@@ -200,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local (this process, or --workers processes) or ray (pip install backdoor-harness[ray])")
     s.add_argument("--address", help="with --executor ray: the cluster to join (auto: the running one)")
+    s.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (sets HARNESS_COMPILE=1; worth it on GPUs, see benchmarks/)")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("golden", help="measure a matrix over several seeds and write golden numbers")
     s.add_argument("spec")

@@ -40,7 +40,7 @@ POLL_S = 0.5
 #: job counts a retry
 UNAVAILABLE_S = 300.0
 #: environment variables a Ray actor gets from the driver
-ENV_PASSED = ("HARNESS_DATA", "HARNESS_CACHE", "HARNESS_PLUGINS", "PYTHONPATH")
+ENV_PASSED = ("HARNESS_DATA", "HARNESS_CACHE", "HARNESS_PLUGINS", "HARNESS_COMPILE", "PYTHONPATH")
 
 
 def model_key(job: Job) -> str:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,8 @@ class Runner:
     _models: dict[str, Normalized] = field(default_factory=dict)
     _preds: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
     _poisoned_tests: dict[str, ImageSet] = field(default_factory=dict)
+    #: train through torch.compile (``harness run --compile``, i.e. ``HARNESS_COMPILE=1``)
+    compile: bool = field(default_factory=lambda: os.environ.get("HARNESS_COMPILE") == "1")
 
     # -- shared state ----------------------------------------------------------
 
@@ -76,6 +80,11 @@ class Runner:
         if key not in self._data:
             self._data[key] = load_dataset(DataSpec.model_validate(spec))
         return self._data[key]
+
+    def fit(self, job: Job, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """:func:`~backdoor_harness.train.fit` with this runner's progress meter (labelled with the job)
+        and compile setting."""
+        return fit(*args, **{"progress": self.progress, "desc": job.label, "compile": self.compile, **kwargs})
 
     def new_model(self, train_job: Job) -> Normalized:
         train, _ = self.data(train_job.payload["data"])
@@ -129,7 +138,7 @@ class Runner:
         seed = job.payload["seed"]
         attack = self.attack(job)
         ctx = PrepareContext(train=train, device=self.device, generator=seed_everything(seed), seed=seed,
-                             fit=lambda *a, **k: fit(*a, **{"progress": self.progress, "desc": job.label, **k}),
+                             fit=partial(self.fit, job),
                              clean_model=self.model(job.deps[0]) if job.deps else None)
         attack.prepare(ctx)
         state = attack.state_dict()
@@ -145,17 +154,16 @@ class Runner:
         attack = self.attack(job, trained=False)
         metrics: dict[str, Any] = {}
         if attack is None:
-            stats = fit(model, train, recipe, device=self.device, generator=g, desc=job.label, progress=self.progress)
+            stats = self.fit(job, model, train, recipe, device=self.device, generator=g)
         elif attack.training_controlled:  # it poisons round(rate * B) images of every batch itself
             metrics.update(poison_rate=attack.config.poison_rate, stamp="in_training_step")
-            stats = fit(model, train, recipe, device=self.device, generator=g, loss_fn=attack.training_loss,
-                        desc=job.label, progress=self.progress)
+            stats = self.fit(job, model, train, recipe, device=self.device, generator=g,
+                             loss_fn=attack.training_loss)
         else:
             poisoned = attack.poison(train, g)
             n = int(poisoned.poison_mask.sum())
             metrics.update(poison_count=n, poison_rate=n / len(train), stamp=poisoned.stamp)
-            stats = fit(model, poisoned, recipe, device=self.device, generator=g, desc=job.label,
-                        progress=self.progress)
+            stats = self.fit(job, model, poisoned, recipe, device=self.device, generator=g)
         metrics.update(stats)
         if job.deps:
             metrics["prepare_wall_s"] = self.store.get(job.deps[0]).wall_s
@@ -178,7 +186,7 @@ class Runner:
         reserve = self.reserve(train, train_job, job)
         ctx = DefenseContext(reserve=reserve, num_classes=train.num_classes, device=self.device, generator=g,
                              seed=seed, family=family,
-                             fit=lambda *a, **k: fit(*a, **{"progress": self.progress, "desc": job.label, **k}),
+                             fit=partial(self.fit, job),
                              attack=attack if "oracle_trigger" in defense.needs else None)
         before = _param_fingerprint(backdoored)
         purified = defense.purify(backdoored, ctx)
@@ -221,7 +229,7 @@ class Runner:
                           predict=predict_fn, clean_model=self.model(roles["clean"]) if "clean" in roles else None,
                           defended=defended,
                           train=train, reserve=reserve, seed=seed, generator=seed_everything(seed),
-                          fit=lambda *a, **k: fit(*a, **{"progress": self.progress, "desc": job.label, **k}))
+                          fit=partial(self.fit, job))
         metrics = evaluator.evaluate(ctx)
         unknown = set(metrics) - set(evaluator.metrics)
         if unknown:

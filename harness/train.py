@@ -93,6 +93,28 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = 4
+              ) -> torch.Tensor:
+    """Crop each image of a zero-padded batch at offsets (``dy``, ``dx``) and mirror it where
+    ``flip``, in one gather. ``dy``, ``dx``, ``flip``: ``[B]``, on ``x``'s device."""
+    b, _, h, w = x.shape
+    dev = x.device
+    rows = dy[:, None] + torch.arange(h, device=dev)
+    cols = dx[:, None] + torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    out = padded[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def draw_crop_flip(n: int, generator: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, ...]:
+    """The random offsets and flips of ``n`` images (drawn on the CPU, in this order)."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return dy, dx, flip
+
+
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop of a zero-padded batch plus random horizontal flip, in one gather.
 
@@ -100,17 +122,15 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
         x: uint8 ``[B, C, H, W]`` on any device.
         generator: CPU generator (the offsets are drawn on the CPU, then moved).
     """
-    b, _, h, w = x.shape
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
-    rows = dy[:, None] + torch.arange(h)
-    cols = dx[:, None] + torch.arange(w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    dev = x.device
-    padded = F.pad(x, (pad, pad, pad, pad))
-    out = padded[torch.arange(b, device=dev)[:, None, None], :, rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
+    dy, dx, flip = draw_crop_flip(len(x), generator, pad)
+    return crop_flip(x, dy.to(x.device), dx.to(x.device), flip.to(x.device), pad)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to CUDA through pinned memory, without waiting for the GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -166,7 +186,8 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepInfo], torch.Tenso
 
 def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, device: torch.device,
         generator: torch.Generator, loss_fn: LossFn | None = None, desc: str = "train",
-        progress: bool = True, after_step: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
+        progress: bool = True, after_step: Callable[[nn.Module], None] | None = None,
+        compile: bool = False) -> dict[str, float]:
     """Train ``model`` in place on ``data`` with ``recipe``.
 
     Args:
@@ -182,6 +203,14 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         desc: label of the progress meter.
         after_step: called with the model after every optimizer step
             (projections, masks), under ``torch.no_grad``.
+        compile: run the forward pass through ``torch.compile`` (the plain
+            cross-entropy step only: not with ``loss_fn`` or SAM). Compiled
+            code is cached per model class and input shape in the process.
+
+    The shuffling and augmentation of an epoch are drawn at its start (on the
+    CPU generator) and moved to the device at once, and the poisoned positions
+    of every batch are known on the CPU, so the step loop never waits for the
+    device.
 
     Returns:
         ``{"images_per_s", "wall_s", "final_loss"}``; the model is left in eval mode.
@@ -195,7 +224,6 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     model.train()
     images, labels = data.images.to(device), data.labels.to(device)
     stamp_fn = getattr(data, "stamp_fn", None) if getattr(data, "stamp", None) == "after_augment" else None
-    mask = data.poison_mask.to(device) if stamp_fn is not None else None
     n, bs = len(labels), recipe.batch_size
     steps = math.ceil(n / bs)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -203,28 +231,34 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
                           **({"fused": True} if cuda else {}))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
              if recipe.schedule == "cosine" else None)
+    forward = torch.compile(model) if compile and loss_fn is None and not recipe.sam_rho else model
     bar = _Progress(desc, recipe.epochs * n, progress)
     t0 = time.perf_counter()
     loss = torch.zeros((), device=device)
     num_classes = int(getattr(model, "num_classes", None) or labels.max().item() + 1)
     for epoch in range(recipe.epochs):
-        perm = torch.randperm(n, generator=generator).to(device)
+        perm_cpu = torch.randperm(n, generator=generator)
+        draws = [perm_cpu, *draw_crop_flip(n, generator)] if recipe.augment else [perm_cpu]
+        perm, *aug = to_device(torch.stack([d.long() for d in draws]), device).unbind(0)
+        if stamp_fn is not None:  # the epoch's poisoned positions, and where each batch's share starts
+            hits = data.poison_mask.cpu()[perm_cpu].nonzero().squeeze(1)
+            bounds = torch.searchsorted(hits, torch.arange(steps + 1) * bs).tolist()
+            hits = to_device(hits, device)
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
             xb, yb = images[idx], labels[idx]
             if recipe.augment:
-                xb = random_crop_flip(xb, generator)
-            if stamp_fn is not None:
-                mb = mask[idx]
-                if bool(mb.any()):
-                    xb = xb.clone()
-                    xb[mb] = stamp_fn(xb[mb])
+                dy, dx, flip = (a[i * bs:(i + 1) * bs] for a in aug)
+                xb = crop_flip(xb, dy, dx, flip.bool())
+            if stamp_fn is not None and bounds[i + 1] > bounds[i]:
+                at = hits[bounds[i]:bounds[i + 1]] - i * bs
+                xb[at] = stamp_fn(xb[at])
             xf = to_float(xb, cuda)
             info = StepInfo(epoch, epoch * steps + i, num_classes, generator)
 
             def step_loss() -> torch.Tensor:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    return F.cross_entropy(model(xf), yb) if loss_fn is None else loss_fn(model, xf, yb, info)
+                    return F.cross_entropy(forward(xf), yb) if loss_fn is None else loss_fn(model, xf, yb, info)
 
             loss = step_loss()
             opt.zero_grad(set_to_none=True)
@@ -257,7 +291,7 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_
     model.to(device).eval()
     out = []
     for i in range(0, len(images), batch_size):
-        xb = to_float(images[i:i + batch_size].to(device), cuda)
+        xb = to_float(to_device(images[i:i + batch_size], device), cuda)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out.append(model(xb).argmax(1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+            out.append(model(xb).argmax(1))
+    return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.int64)

@@ -214,3 +214,28 @@ def test_pretrained_file_loads_weights_and_resets_the_head(tmp_path):
         bin_path = tmp_path / "r18.bin"
         bin_path.write_bytes(b"not a pickle")
         create_model({"name": "resnet18", "pretrained_file": str(bin_path)}, 10, 32)
+
+
+def test_fit_stamps_exactly_the_poisoned_samples_of_every_augmented_batch():
+    from backdoor_harness.contracts import PoisonedSet
+    from backdoor_harness.train import Recipe, fit
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (100, 3, 8, 8), dtype=torch.uint8, generator=g)  # never all 255
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[torch.randperm(100, generator=g)[:13]] = True
+    labels = torch.where(mask, 9, torch.arange(100) % 9)  # the target (9) marks a poisoned sample
+    data = PoisonedSet(images, labels, mask, "after_augment", lambda x: torch.full_like(x, 255))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def loss(model, x, y, info):
+        seen.append((x.detach().clone(), y.clone()))
+        return F.cross_entropy(model(x), y)
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    fit(model, data, Recipe(epochs=2, batch_size=32, lr=0.01), device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(1), loss_fn=loss, progress=False)
+    x, y = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
+    stamped = (x == 1).flatten(1).all(1)
+    assert len(x) == 200 and int(stamped.sum()) == 2 * 13  # each poisoned sample once per epoch ...
+    assert torch.equal(stamped, y == 9)  # ... and nothing else
