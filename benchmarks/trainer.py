@@ -203,10 +203,11 @@ def main(argv: list[str] | None = None) -> None:
                 ips = harness(fresh(), train, epochs, device, batch, comp, warmup)
             what = f"harness, batch {batch}" + (", torch.compile" if comp else "")
             rows.append([model_name, what, f"{ips:,.0f}", f"{ips / base:.2f}", f"{mem.peak_mb:,.0f}"])
-        print(tabulate(rows[-1 - len(variants):], tablefmt="plain"), flush=True)
+        print(tabulate(rows[-1 - len(variants):], tablefmt="plain", disable_numparse=True), flush=True)
     mem_col = "peak MB (CUDA allocated)" if cuda else "peak MB (RSS, incl. loader workers)"
     print()
     print(tabulate(rows, headers=["model", "trainer", "images/s", "x baseline", mem_col], tablefmt="github",
+                   disable_numparse=True,
                    colalign=("left", "left", "right", "right", "right")))
 
 
