@@ -34,7 +34,14 @@ class Recipe(BaseModel):
         momentum: SGD momentum.
         weight_decay: L2 weight decay.
         schedule: ``cosine`` (annealed to 0 over the epochs, stepped per epoch,
-            as BackdoorBench) or ``constant``.
+            as BackdoorBench), ``constant``, or ``triangle`` (per step: linear
+            warm-up from 0 to ``lr`` over the first ``warmup`` of the steps,
+            then linear decay to 0; the short-run schedule of fast CIFAR-10
+            training such as airbench).
+        warmup: with ``triangle``, the fraction of the steps spent warming up.
+        nesterov: Nesterov momentum.
+        label_smoothing: cross-entropy label smoothing of the plain training
+            step (not of an attack's or defense's own ``loss_fn``).
         augment: random crop (4-pixel padding) + horizontal flip.
         sam_rho: radius of sharpness-aware minimization (0: plain SGD). Each
             step then takes the gradient at w + e, e the ascent step of radius
@@ -52,18 +59,31 @@ class Recipe(BaseModel):
     lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "triangle"] = "cosine"
+    warmup: float = Field(default=0.2, gt=0, lt=1)
+    nesterov: bool = False
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     augment: bool = True
     sam_rho: float = Field(default=0.0, ge=0)
     sam_adaptive: bool = True
 
     def payload(self) -> dict:
-        """What enters a job key: fields added after CORE_VERSION 2 only when set,
-        so existing results keep their keys."""
+        """What enters a job key: fields added after CORE_VERSION 2 only when they differ
+        from their defaults (``warmup`` only with ``triangle``), so existing results keep their keys."""
         out = self.model_dump()
         if not self.sam_rho:
             out.pop("sam_rho"), out.pop("sam_adaptive")
+        if self.schedule != "triangle":
+            out.pop("warmup")
+        for name in ("nesterov", "label_smoothing"):
+            if not out[name]:
+                out.pop(name)
         return out
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The ``triangle`` schedule's multiplier of ``lr`` at optimizer step ``step`` of ``total``."""
+        top = max(1, round(self.warmup * total))
+        return (step + 1) / top if step < top else max(0.0, (total - step) / max(1, total - top))
 
 
 #: Named recipes. ``backdoorbench`` is the paper-scale CIFAR-10 recipe;
@@ -228,9 +248,11 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     steps = math.ceil(n / bs)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                          **({"fused": True} if cuda else {}))
+                          nesterov=recipe.nesterov and recipe.momentum > 0, **({"fused": True} if cuda else {}))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
              if recipe.schedule == "cosine" else None)
+    per_step = (torch.optim.lr_scheduler.LambdaLR(opt, lambda t: recipe.lr_factor(t, recipe.epochs * steps))
+                if recipe.schedule == "triangle" else None)
     forward = torch.compile(model) if compile and loss_fn is None and not recipe.sam_rho else model
     bar = _Progress(desc, recipe.epochs * n, progress)
     t0 = time.perf_counter()
@@ -258,7 +280,9 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
 
             def step_loss() -> torch.Tensor:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    return F.cross_entropy(forward(xf), yb) if loss_fn is None else loss_fn(model, xf, yb, info)
+                    if loss_fn is not None:
+                        return loss_fn(model, xf, yb, info)
+                    return F.cross_entropy(forward(xf), yb, label_smoothing=recipe.label_smoothing)
 
             loss = step_loss()
             opt.zero_grad(set_to_none=True)
@@ -270,6 +294,8 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
                 with torch.no_grad():
                     torch._foreach_sub_(ascent[0], ascent[1])
             opt.step()
+            if per_step is not None:
+                per_step.step()
             if after_step is not None:
                 with torch.no_grad():
                     after_step(model)
