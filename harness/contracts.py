@@ -323,11 +323,16 @@ class Defense(Plugin):
         needs: what beyond clean reserve data it requires; ``"oracle_trigger"``
             gives it ``ctx.attack``.
         families: model families it supports, or ``{"*"}`` for any.
+        last_report: what the last ``purify`` found or did (flagged classes,
+            pruned channels, ...), set by the defenses that have one; the
+            runner stores it in the purify record as ``metrics["report"]``
+            (tensors and arrays as lists).
     """
 
     kind = "defense"
     needs: ClassVar[frozenset[str]] = frozenset()
     families: ClassVar[frozenset[str]] = frozenset({"*"})
+    last_report: dict | None = None
 
     def supports(self, family: str) -> bool:
         return "*" in self.families or family in self.families

@@ -58,6 +58,17 @@ def _param_fingerprint(model: torch.nn.Module) -> float:
         return float(sum(p.double().abs().sum() for p in model.state_dict().values() if p.is_floating_point()))
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with tensors and numpy values turned into lists and numbers (what JSON holds)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
+        return _plain(value.tolist())
+    return value
+
+
 @dataclass
 class Runner:
     """Runs jobs of one matrix in this process, caching data and models it reuses."""
@@ -193,7 +204,10 @@ class Runner:
         if _param_fingerprint(backdoored) != before:
             raise HarnessError(f"defense {defense.name!r} modified the model it was given; "
                                f"it must copy it (copy.deepcopy) before changing weights")
-        return {"reserve_size": len(reserve)}, purified
+        metrics: dict[str, Any] = {"reserve_size": len(reserve)}
+        if defense.last_report:
+            metrics["report"] = _plain(defense.last_report)
+        return metrics, purified
 
     def run_evaluate(self, job: Job) -> tuple[dict, None]:
         train_job = self._jobs[job.deps[0]]

@@ -39,9 +39,22 @@ class VitOnly(bh.Defense):
         return model
 
 
+class Reports(bh.Defense):
+    name = "test_reports"
+    version = "1"
+    summary = "returns the model, reporting what it looked at"
+    paper = "-"
+
+    def purify(self, model, ctx):
+        import torch
+
+        self.last_report = {"flagged": torch.tensor([3]), "scores": (0.5, torch.tensor(1.5))}
+        return model
+
+
 @pytest.fixture
 def plugins():
-    registry.register(types.SimpleNamespace(harness_defenses=bh.hookimpl(lambda: [Explodes, VitOnly])),
+    registry.register(types.SimpleNamespace(harness_defenses=bh.hookimpl(lambda: [Explodes, VitOnly, Reports])),
                       name="test-runner-defenses")
     yield
     registry.reset()
@@ -182,3 +195,13 @@ def test_status_command_after_a_run(tmp_path, capsys):
     assert cli.main(["status", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "no run is active" in out and "estimated time left: 0.0 min" in out
+
+
+@pytest.mark.integration
+def test_a_defense_report_is_stored_in_its_purify_record(tmp_path, plugins):
+    run_matrix(spec(defenses=["test_reports"], evaluators=["clean_acc"]), tmp_path, progress=False,
+               log=lambda *a: None)
+    store = Store(tmp_path)
+    purify = next(r for r in store.records("purify"))
+    store.close()
+    assert purify.metrics["report"] == {"flagged": [3], "scores": [0.5, 1.5]}
