@@ -163,8 +163,11 @@ def cmd_leaderboard(args) -> int:
         added, known, target = add_submission(args.add, args.published)
         print(f"{args.add}: accepted; {added} record(s) added to {target}, {known} already published")
         return 0
-    if args.records:
-        records = [r for path in args.records for r in read_records(path)]
+    sources = None
+    if args.records:  # one set of boards per file (e.g. one per published run)
+        files = [(Path(path).name.split(".")[0], read_records(path)) for path in args.records]
+        records = [r for _, recs in files for r in recs]
+        sources = [name for name, recs in files for _ in recs] if len(files) > 1 else None
     else:
         records = list(_store(args).records())
     reported = None
@@ -173,7 +176,7 @@ def cmd_leaderboard(args) -> int:
             raise HarnessError(f"--reported {args.reported}: no such file (a YAML list of published numbers; "
                                f"see leaderboard/reported.yaml)")
         reported = load_reported(args.reported)
-    text = render(records, args.format, reported, long=args.long)
+    text = render(records, args.format, reported, long=args.long, sources=sources)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}")
@@ -227,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--reported", help="published numbers to show beside the measured ones "
                                               "(default: the leaderboard's reported.yaml)")
             s.add_argument("--long", action="store_true", help="text/markdown: a row per (attack, defense) cell")
-            s.add_argument("--records", nargs="+", help="render these exported JSONL files instead of a workdir")
+            s.add_argument("--records", nargs="+", help="render these exported JSONL files instead of a workdir (each file its own boards)")
             s.add_argument("--add", metavar="FILE", help="validate an exported run and add it to the published "
                                                          "records (refused with the reasons otherwise)")
             s.add_argument("--published", default="leaderboard/published.yaml",

@@ -101,11 +101,18 @@ def _poison_rate(rec: Any, by_key: dict[str, Any]) -> float | None:
     return rate
 
 
-def collect(records: Iterable[Any]) -> list[dict[str, Any]]:
+def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[dict[str, Any]]:
     """Fold evaluate records into cells, one per (data set, model, poison rate, attack, defense):
     metrics averaged over seeds, the statuses of unfinished evaluations, and the defense's cost
-    (mean wall seconds and devices of the cell's purify jobs)."""
+    (mean wall seconds and devices of the cell's purify jobs).
+
+    ``sources`` (the name of each record's source, e.g. its records file, in the order of
+    ``records``): cells of different sources stay apart, and each cell then has its ``source``."""
     records = list(records)
+    if sources is not None and len(sources) != len(records):
+        raise ValueError(f"{len(sources)} sources for {len(records)} records")
+    named = dict(zip(map(id, records), sources or []))
+    src = lambda rec: named.get(id(rec))  # noqa: E731
     by_key = {_get(r, "key"): r for r in records if _get(r, "key")}
     cells: dict[tuple, dict[str, Any]] = {}
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -113,14 +120,14 @@ def collect(records: Iterable[Any]) -> list[dict[str, Any]]:
     for rec in records:
         kind, a = _get(rec, "kind"), _get(rec, "attrs") or {}
         if kind == "purify" and _get(rec, "status") == "done":
-            costs[(a["dataset"], a["model"], a["attack"], a["defense"])].append(
+            costs[(src(rec), a["dataset"], a["model"], a["attack"], a["defense"])].append(
                 (_get(rec, "wall_s") or 0.0, _get(rec, "device") or "?"))
         if kind != "evaluate":
             continue
-        key = (a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"])
-        cell = cells.setdefault(key, {"dataset": key[0], "model": key[1], "poison_rate": key[2],
-                                      "attack": key[3], "defense": key[4], "metrics": {}, "seeds": set(),
-                                      "status": {}})
+        key = (src(rec), a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"])
+        cell = cells.setdefault(key, {"dataset": key[1], "model": key[2], "poison_rate": key[3],
+                                      "attack": key[4], "defense": key[5], "metrics": {}, "seeds": set(),
+                                      "status": {}, **({"source": key[0]} if key[0] is not None else {})})
         status = _get(rec, "status")
         label = a.get("evaluator", "?")
         plugin = ((_get(rec, "config") or {}).get("evaluator") or {}).get("name", label)
@@ -136,7 +143,7 @@ def collect(records: Iterable[Any]) -> list[dict[str, Any]]:
     for key, cell in cells.items():
         cell["metrics"] = {m: mean(v) for m, v in values[key].items()}
         cell["seeds"] = sorted(cell["seeds"])
-        spent = costs.get((key[0], key[1], key[3], key[4]), [])
+        spent = costs.get((key[0], key[1], key[2], key[4], key[5]), [])
         cell["cost"] = {"wall_s": mean(w for w, _ in spent) if spent else None,
                         "device": sorted({d for _, d in spent})}
         out.append(cell)
@@ -202,21 +209,23 @@ def _mark_best(rows: list[dict], get) -> None:
         e["best"] = abs(e["value"] - best) < 1e-12
 
 
-def boards(records: Iterable[Any], reported: Iterable[dict] = ()) -> list[dict[str, Any]]:
-    """The leaderboard as data: one board per (data set, model, poison rate).
+def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[str] | None = None
+           ) -> list[dict[str, Any]]:
+    """The leaderboard as data: one board per (data set, model, poison rate), and per source
+    when ``sources`` names each record's (see :func:`collect`; the board then has ``source``).
 
     Each board: ``dataset, model, poison_rate, seeds, attacks, columns`` (metric keys shown),
     ``rows`` (per defense: ``cells[attack][metric]`` and ``avg[metric]`` entries of
     ``{value, status, reported, source, best}``, ``cost_s`` (mean over attacks), ``cell_cost_s[attack]``,
     ``device``) and ``notes``
     (why a cell has no number)."""
-    cells = collect(records)
+    cells = collect(records, sources)
     index_reported = _reported_index(reported)
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        groups.setdefault((c["dataset"], c["model"], c["poison_rate"]), []).append(c)
+        groups.setdefault((c.get("source"), c["dataset"], c["model"], c["poison_rate"]), []).append(c)
     out = []
-    for (dataset, model, rate), group in groups.items():
+    for (source, dataset, model, rate), group in groups.items():
         attacks = list(dict.fromkeys(c["attack"] for c in group))
         defenses = _order(list(dict.fromkeys(c["defense"] for c in group)))
         index = {(c["defense"], c["attack"]): c for c in group}
@@ -256,7 +265,7 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = ()) -> list[dict[s
                 _mark_best(rows, lambda r, m=m: r["avg"][m])
         seeds = sorted({s for c in group for s in c["seeds"]})
         out.append({"dataset": dataset, "model": model, "poison_rate": rate, "seeds": seeds, "attacks": attacks,
-                    "columns": shown, "rows": rows, "notes": notes})
+                    "columns": shown, "rows": rows, "notes": notes, **({"source": source} if source else {})})
     return out
 
 
@@ -264,7 +273,8 @@ def title(board: dict) -> str:
     rate = board["poison_rate"]
     rate_s = f"poison rate {100 * rate:g}%" if rate is not None else "poison rate ?"
     seeds = ", ".join(map(str, board["seeds"])) or "-"
-    return f"{board['dataset']} / {board['model']} / {rate_s} (seeds {seeds}; rates in %)"
+    where = f"{board['source']}: " if board.get("source") else ""
+    return f"{where}{board['dataset']} / {board['model']} / {rate_s} (seeds {seeds}; rates in %)"
 
 
 def fmt_value(value: float | None, key: str) -> str:
@@ -321,15 +331,16 @@ LEGEND = ("best value of a column among the defenses marked {best}; a number in 
 
 
 def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] | None = None,
-           long: bool = False) -> str:
+           long: bool = False, sources: list[str] | None = None) -> str:
     """Render records as ``text``, ``markdown``, ``html`` (one self-contained page) or ``json``
     (the cells of :func:`collect`). ``reported`` defaults to the numbers shipped in ``reported.yaml``;
-    ``long``: text and markdown boards with a row per (attack, defense) (:func:`long_table`)."""
+    ``long``: text and markdown boards with a row per (attack, defense) (:func:`long_table`);
+    ``sources``: each record's source name, boards kept apart per name (see :func:`boards`)."""
     records = list(records)
     if fmt == "json":
-        return json.dumps(collect(records), indent=2, sort_keys=True)
+        return json.dumps(collect(records, sources), indent=2, sort_keys=True)
     reported = load_reported() if reported is None else list(reported)
-    data = boards(records, reported)
+    data = boards(records, reported, sources)
     if fmt == "html":
         from .html import page
 

@@ -128,3 +128,32 @@ def test_the_long_form_has_a_row_per_attack_and_defense():
     assert lines[0] == ["attack", "defense", "C-Acc", "ASR", "cost (s)", "device"]
     assert lines[1:] == [["a", "none", "50.00", "90.00", "—", "—"], ["a", "ep", "45.00", "10.00", "—", "—"],
                          ["b", "none", "40.00", "80.00", "—", "—"], ["b", "ep", "—", "—", "—", "—"]]
+
+
+def test_sources_keep_two_runs_of_the_same_cells_apart():
+    attacks = [dict(ev("none", a, 0, {"asr": 0.9}), key=f"k-{a}") for a in ("a", "b")]
+    defenses = [dict(ev(d, "a", 0, {"asr": 0.2}), key=f"k-{d}") for d in ("ft", "ep")]
+    # pooled: one sparse board; with sources: one board each, named
+    assert len(boards(attacks + defenses)) == 1
+    split = boards(attacks + defenses, sources=["attacks-run"] * 2 + ["defenses-run"] * 2)
+    assert [(b["source"], b["attacks"], [r["defense"] for r in b["rows"]]) for b in split] == \
+        [("attacks-run", ["a", "b"], ["none"]), ("defenses-run", ["a"], ["ep", "ft"])]
+    assert "### defenses-run: d / m /" in render(attacks + defenses, "markdown", reported=[],
+                                                 sources=["defenses-run"] * 4)
+
+
+def test_the_cli_renders_each_records_file_as_its_own_boards(tmp_path, capsys):
+    from backdoor_harness import cli
+    from backdoor_harness.store import JobRecord
+
+    shared = JobRecord(key="k-none", label="x", **ev("none", "a", 0, {"asr": 0.9}))
+    for name, defense in (("attacks-run", "none"), ("defenses-run", "ft")):
+        rec = JobRecord(key=f"k-{name}", label="x", **ev(defense, "b", 0, {"asr": 0.5}))
+        (tmp_path / f"{name}.jsonl").write_text(shared.model_dump_json() + "\n" + rec.model_dump_json() + "\n")
+    files = [str(tmp_path / "attacks-run.jsonl"), str(tmp_path / "defenses-run.jsonl")]
+    assert cli.main(["leaderboard", "--records", *files, "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "### attacks-run: d / m" in out and "### defenses-run: d / m" in out
+    assert out.count("| none ") == 2  # a record both files hold shows in both boards
+    assert cli.main(["leaderboard", "--records", files[0], "--format", "markdown"]) == 0
+    assert "### d / m" in capsys.readouterr().out  # one file: no source in the title
