@@ -32,9 +32,11 @@ from typing import Any, Iterable
 from .plots import curves
 from .render import LEGEND, column, fmt_value, title
 
-#: colours of the defenses, in order of first appearance on the page (Tableau 10)
+#: colours of the defenses, in order of first appearance on the page: Tableau 10, then the rest of
+#: Tableau 20 (so 20 defenses before a colour repeats)
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
-           "#bab0ac")
+           "#bab0ac", "#a0cbe8", "#ffbe7d", "#8cd17d", "#f1ce63", "#499894", "#ff9d9a", "#d4a6c8", "#d7b5a6",
+           "#79706e", "#d37295")
 #: marker shapes of the attacks in the scatter plots
 SHAPES = ("circle", "square", "triangle", "diamond")
 #: bar colours of the O-ASR / P-ASR plot
