@@ -25,8 +25,6 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import HarnessError
-
 SCHEMA_VERSION = 1
 
 Status = Literal["running", "done", "failed", "skipped", "blocked"]

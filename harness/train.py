@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .contracts import PoisonedSet, StepInfo
 from .data import ImageSet

@@ -74,3 +74,36 @@ def one_step(model: nn.Module, data: ImageSet, loss_fn: Callable[..., torch.Tens
     recipe = Recipe(epochs=1, batch_size=len(data), lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
                     augment=False)
     fit(model, data, recipe, device=CPU, generator=torch.Generator().manual_seed(0), loss_fn=loss_fn, progress=False)
+
+
+def same(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models hold exactly the same state."""
+    sb = b.state_dict()
+    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
+
+
+def check_contract(model: nn.Module, defense: Any, run: Callable[[int], nn.Module], *,
+                   seeds_differ: bool = False) -> nn.Module:
+    """The defense contract, checked on ``model`` with ``run(seed)`` (``torch.manual_seed(seed)`` is
+    set first): the output is a model of the same shape in eval mode; the given model is untouched;
+    the same seed gives the same weights (and, with ``seeds_differ``, another seed other weights);
+    the weights load strictly into a copy of the given architecture (no added modules, parameters or
+    buffers) and no hook is left behind; the config round-trips through JSON. Returns run(0)'s model."""
+    given = state(model)
+
+    def call(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return run(seed)
+
+    out = call(0)
+    x = torch.rand(4, 3, 32, 32)
+    assert out(x).shape == model(x).shape
+    assert not out.training
+    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items()), "the given model was changed"
+    assert same(out, call(0)), "not deterministic for a seed"
+    if seeds_differ:
+        assert not same(out, call(1)), "another seed gave the same weights"
+    copy.deepcopy(model).load_state_dict(out.state_dict())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in out.modules())
+    assert type(defense.config).model_validate_json(defense.config.model_dump_json()) == defense.config
+    return out

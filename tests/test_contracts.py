@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import types
 
 import pytest
@@ -13,7 +12,7 @@ import backdoor_harness as bh
 from backdoor_harness import registry
 from backdoor_harness.models import create_model, model_family
 
-from helpers import context, noise_set, state, tiny
+from helpers import check_contract, context, noise_set, tiny
 
 BUDGET = ("epochs", "rounds", "iterations", "iters", "steps")
 
@@ -29,28 +28,11 @@ def quick_config(name: str) -> dict:
 @pytest.mark.parametrize("name", bh.list_defenses())
 def test_defense_contract(name):
     model = tiny()
-    given = state(model)
     attack = bh.create_attack("badnets", stamp="after_augment")
     defense = bh.create_defense(name, **quick_config(name))
-
-    def run(seed):
-        ctx = context(model, noise_set(200), seed, attack=attack if "oracle_trigger" in defense.needs else None)
-        torch.manual_seed(seed)
-        return defense.purify(model, ctx)
-
-    out = run(0)
-    x = torch.rand(4, 3, 32, 32)
-    assert out(x).shape == model(x).shape == (4, 10)
-    # never modifies the model it is given
-    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())
-    # deterministic for a seed on CPU
-    again = run(0)
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())
-    # its config round-trips through JSON (what the job store keeps)
-    assert type(defense.config).model_validate_json(defense.config.model_dump_json()) == defense.config
-    # the purified weights load into a fresh model of the same architecture (what checkpoints need)
-    fresh = create_model({"name": "tiny_cnn", "kwargs": {"width": 8}}, 10, 32)
-    fresh.load_state_dict(out.state_dict())
+    oracle = attack if "oracle_trigger" in defense.needs else None
+    check_contract(model, defense, lambda seed: defense.purify(model, context(model, noise_set(200), seed,
+                                                                               attack=oracle)))
 
 
 FAMILY_MODELS = [

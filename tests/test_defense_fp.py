@@ -18,7 +18,7 @@ from backdoor_harness.plugins.defenses.fp import (ChannelPrune, FinePruning, cha
                                                   prune_counts, search_prune_count)
 from backdoor_harness.train import Recipe, fit
 
-from helpers import CPU, context, noise_set, tiny
+from helpers import CPU, check_contract, context, noise_set, tiny
 
 #: the hand-built last-layer biases: channel k of the feature map is the constant relu(B[k])
 B = torch.tensor([(k * 37) % 64 / 10.0 - 0.55 for k in range(64)])  # a permutation, six values below 0
@@ -231,22 +231,8 @@ def test_no_fine_tuning_with_zero_epochs_and_a_stop_on_the_first_drop():
 
 def test_contract_on_the_tiny_model():
     model = tiny()
-    given = {k: v.clone() for k, v in model.state_dict().items()}
     defense = FinePruning(epochs=1, batch_size=32)
-
-    def run(seed):
-        torch.manual_seed(seed)
-        return defense.purify(model, context(model, noise_set(40, seed), seed=seed))
-
-    out = run(0)
-    x = torch.rand(4, 3, 32, 32)
-    assert out(x).shape == (4, 10)
-    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())  # input untouched
-    again = run(0)
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())  # deterministic
-    tiny(1).load_state_dict(out.state_dict())  # no added modules, buffers or pruning hooks
-    cfg = FinePruning.Config(epochs=1)
-    assert FinePruning.Config.model_validate_json(cfg.model_dump_json()) == cfg
+    check_contract(model, defense, lambda seed: defense.purify(model, context(model, noise_set(40, seed), seed=seed)))
 
 
 def test_defaults_and_validation():

@@ -12,7 +12,7 @@ from backdoor_harness.models import create_model, model_family
 from backdoor_harness.plugins.defenses.ftsam import FTSAM, SharpnessAwareLoss, smoothed_cross_entropy
 from backdoor_harness.train import Recipe, fit
 
-from helpers import CPU, context, noise_set, one_step, tiny
+from helpers import CPU, check_contract, context, noise_set, one_step, tiny
 
 QUICK = dict(epochs=1, batch_size=16)
 
@@ -102,25 +102,9 @@ def test_rho_zero_is_plain_fine_tuning():
 
 def test_contract_on_the_tiny_model():
     model = tiny()
-    given = {k: v.clone() for k, v in model.state_dict().items()}
     defense = FTSAM(**QUICK)
-
-    def run(seed):
-        torch.manual_seed(seed)
-        return defense.purify(model, context(model, n=32, seed=seed))
-
-    out = run(0)
-    x = torch.rand(4, 3, 32, 32)
-    assert out(x).shape == model(x).shape == (4, 10)
-    assert not out.training
-    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())  # input untouched
-    again = run(0)
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())  # deterministic
-    other = run(1)
-    assert not all(torch.equal(v, other.state_dict()[k]) for k, v in out.state_dict().items())
-    tiny(1).load_state_dict(out.state_dict())  # no added modules or buffers
-    cfg = FTSAM.Config(**QUICK)
-    assert FTSAM.Config.model_validate_json(cfg.model_dump_json()) == cfg
+    check_contract(model, defense, lambda seed: defense.purify(model, context(model, n=32, seed=seed)),
+                   seeds_differ=True)
     for bad in (dict(rho=-0.1), dict(label_smoothing=1.0), dict(momentum=1.0), dict(epochs=0), dict(eta=-1)):
         with pytest.raises(ValueError):
             FTSAM.Config(**bad)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from backdoor_harness.models import create_model
 from backdoor_harness.plugins.defenses.pam import PAM, PathAwareLoss
 
-from helpers import context, moved, noise_set, one_step, tiny
+from helpers import check_contract, context, moved, noise_set, one_step, tiny
 
 QUICK = dict(rounds=2, epochs=1, mask_epochs=1, generator_epochs=2, generator_width=4, batch_size=64)
 
@@ -73,26 +73,10 @@ def test_first_step_at_w0_is_plain_sgd():
 
 
 def test_contract_on_the_tiny_model():
-    """What tests/test_contracts.py checks for every registered defense."""
     model = tiny()
-    given = {k: v.clone() for k, v in model.state_dict().items()}
     defense = PAM(PAM.Config(**QUICK))
-
-    def run(seed):
-        torch.manual_seed(seed)
-        return defense.purify(model, context(model, n=200, seed=seed))
-
-    out = run(0)
-    x = torch.rand(4, 3, 32, 32)
-    assert out(x).shape == model(x).shape == (4, 10)
-    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())  # input untouched
-    again = run(0)
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())  # deterministic
-    other = run(1)
-    assert not all(torch.equal(v, other.state_dict()[k]) for k, v in out.state_dict().items())
-    tiny(1).load_state_dict(out.state_dict())  # no added modules or buffers
-    cfg = PAM.Config(**QUICK)
-    assert PAM.Config.model_validate_json(cfg.model_dump_json()) == cfg
+    check_contract(model, defense, lambda seed: defense.purify(model, context(model, n=200, seed=seed)),
+                   seeds_differ=True)
     assert PAM.Config(epochs=1).epochs == 1
     with pytest.raises(ValueError):
         PAM.Config(rho=-0.1)

@@ -4,7 +4,6 @@ always kills its worker recorded failed while the rest of the matrix completes."
 from __future__ import annotations
 
 import os
-import sys
 import textwrap
 
 import pytest

@@ -3,7 +3,6 @@ work directory; either way the results equal an uninterrupted run's and no job r
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess

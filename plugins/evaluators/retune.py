@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from backdoor_harness import Evaluator, Metric, PluginConfig, hookimpl
 from backdoor_harness.metrics import score
