@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -144,6 +144,25 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
     """
     dy, dx, flip = draw_crop_flip(len(x), generator, pad)
     return crop_flip(x, dy.to(x.device), dx.to(x.device), flip.to(x.device), pad)
+
+
+def shuffled_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                     device: torch.device | None = None, augment: bool = True, floats: bool = True
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over uint8 ``images`` in shuffled mini-batches, with their ``labels``: the loop of
+    defenses that train on the reserve outside :func:`fit`.
+
+    Draws one ``randperm`` from ``generator``, then each batch's crop and flip (``augment``).
+    Batches are on ``device`` (default: the images' own), as [0, 1] floats (``floats``) or uint8.
+    """
+    device = device if device is not None else images.device
+    perm = torch.randperm(len(images), generator=generator)
+    for i in range(0, len(images), batch_size):
+        idx = perm[i:i + batch_size]
+        xb = images[idx.to(images.device)].to(device)
+        if augment:
+            xb = random_crop_flip(xb, generator)
+        yield (to_float(xb, False) if floats else xb), labels[idx.to(labels.device)].to(device)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -85,7 +84,7 @@ from backdoor_harness import Defense, PluginConfig, hookimpl
 from backdoor_harness.data import ImageSet
 from backdoor_harness.errors import HarnessError
 from backdoor_harness.layers import features, head
-from backdoor_harness.train import random_crop_flip, to_float
+from backdoor_harness.train import shuffled_batches, to_float
 
 __all__ = ["BTIDBF", "BTIDBFConfig", "InversionConfig", "TriggerGenerator", "TriggerInverter",
            "decouple_benign_features", "invert_triggers", "mix_inverted"]
@@ -211,18 +210,6 @@ def mix_inverted(generator: TriggerGenerator, x: torch.Tensor, fraction: float,
 # --------------------------------------------------------------------------
 
 
-def _batches(data: ImageSet, batch_size: int, rng: torch.Generator, device: torch.device,
-             augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled (and augmented) mini-batches: float [0, 1] images and labels, on ``device``."""
-    perm = torch.randperm(len(data), generator=rng)
-    for i in range(0, len(data), batch_size):
-        idx = perm[i:i + batch_size]
-        xb = data.images[idx].to(device)
-        if augment:
-            xb = random_crop_flip(xb, rng)
-        yield to_float(xb, False), data.labels[idx].to(device)
-
-
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -258,7 +245,7 @@ def decouple_benign_features(net: nn.Module, reserve: ImageSet, config: Inversio
     opt = torch.optim.Adam([theta], lr=config.mask_lr)
     net.train()
     for _ in range(config.mask_epochs):
-        for x, y in _batches(reserve, config.batch_size, rng, device):
+        for x, y in shuffled_batches(reserve.images, reserve.labels, config.batch_size, rng, device):
             with _autocast(device):
                 m = _mask(theta)
                 phi = features(net, x)
@@ -300,7 +287,7 @@ class TriggerInverter:
         mask = self.mask = decouple_benign_features(net, self.reserve, cfg, rng, dev)
         g = self.generator.train()
         for _ in range(cfg.generator_epochs):
-            for x, y in _batches(self.reserve, cfg.batch_size, rng, dev):
+            for x, y in shuffled_batches(self.reserve.images, self.reserve.labels, cfg.batch_size, rng, dev):
                 with _autocast(dev):
                     with torch.no_grad():
                         phi_x = features(net, x)
@@ -326,7 +313,8 @@ class TriggerInverter:
         dev, rng, g = self.ctx.device, self.ctx.generator, self.generator.eval()
         model.eval()
         counts = torch.zeros(self.ctx.num_classes, dtype=torch.int64)
-        for x, _ in _batches(self.reserve, self.config.batch_size, rng, dev):
+        for x, _ in shuffled_batches(self.reserve.images, self.reserve.labels, self.config.batch_size, rng,
+                                       dev):
             noise = torch.randn(x.shape, generator=rng).to(dev) * (self.config.detect_noise * g.std)
             with _autocast(dev):
                 pred = model(g(x + noise)).argmax(1)
@@ -376,7 +364,7 @@ def _unlearn(model: nn.Module, generator: TriggerGenerator, opt: torch.optim.Opt
     dev, rng = ctx.device, ctx.generator
     model.train()
     for _ in range(config.epochs):
-        for x, y in _batches(ctx.reserve, config.batch_size, rng, dev):
+        for x, y in shuffled_batches(ctx.reserve.images, ctx.reserve.labels, config.batch_size, rng, dev):
             mixed = mix_inverted(generator, x, config.poison_fraction, rng)
             with _autocast(dev):
                 phi_x = features(model, x)

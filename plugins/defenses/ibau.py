@@ -83,7 +83,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from backdoor_harness import Defense, PluginConfig, hookimpl
 from backdoor_harness.errors import HarnessError
-from backdoor_harness.train import random_crop_flip, to_float
+from backdoor_harness.train import shuffled_batches, to_float
 
 
 class IBAUConfig(PluginConfig):
@@ -217,21 +217,6 @@ def hypergradient(model: nn.Module, params: list[torch.Tensor], delta: torch.Ten
 # -- the defense -----------------------------------------------------------------------
 
 
-def _batches(images: torch.Tensor, batch_size: int, generator: torch.Generator, augment: bool,
-             labels: torch.Tensor | None = None):
-    """Shuffled uint8 batches (augmented with ``generator``), as [0, 1] floats (with labels when given)."""
-    perm = torch.randperm(len(images), generator=generator).to(images.device)
-    for i in range(0, len(images), batch_size):
-        idx = perm[i:i + batch_size]
-        xb = images[idx]
-        if augment:
-            xb = random_crop_flip(xb, generator)
-        if labels is None:
-            yield to_float(xb, False)
-        else:
-            yield xb, labels[idx]
-
-
 class IBAU(Defense):
     name = "ibau"
     version = "1"
@@ -252,12 +237,13 @@ class IBAU(Defense):
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
         images, labels = ctx.reserve.images.to(dev), ctx.reserve.labels.to(dev)
-        outer_batches = list(_batches(images, cfg.batch_size, rng, cfg.augment, labels))  # uint8, drawn once
+        outer_batches = list(shuffled_batches(images, labels, cfg.batch_size, rng, augment=cfg.augment,
+                                              floats=False))  # uint8, drawn once
         shape = tuple(images.shape[1:])
         with sdpa_kernel(SDPBackend.MATH):
             for _ in range(cfg.rounds):
-                delta = maximize_perturbation(model, _batches(images, cfg.batch_size, rng, cfg.augment),
-                                              cfg, shape, dev)
+                batches = (x for x, _ in shuffled_batches(images, labels, cfg.batch_size, rng, augment=cfg.augment))
+                delta = maximize_perturbation(model, batches, cfg, shape, dev)
                 first = outer_batches[0]
                 for xb, yb in outer_batches:
                     n = len(yb)

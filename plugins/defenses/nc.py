@@ -88,7 +88,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -98,7 +98,7 @@ from pydantic import Field
 from backdoor_harness import Defense, PluginConfig, hookimpl
 from backdoor_harness.data import ImageSet
 from backdoor_harness.errors import HarnessError
-from backdoor_harness.train import Recipe, random_crop_flip, to_float
+from backdoor_harness.train import Recipe, shuffled_batches
 
 __all__ = ["NC", "NCConfig", "ReversedTrigger", "anomaly_index", "flagged_classes", "reverse_engineer",
            "stamp", "unlearning_set"]
@@ -205,15 +205,6 @@ def _squash(theta: torch.Tensor) -> torch.Tensor:
     return torch.tanh(theta) / (2 + EPSILON) + 0.5
 
 
-def _batches(data: ImageSet, batch_size: int, rng: torch.Generator, device: torch.device
-             ) -> Iterator[torch.Tensor]:
-    """Shuffled, randomly cropped and flipped float [0, 1] images on ``device``."""
-    perm = torch.randperm(len(data), generator=rng)
-    for i in range(0, len(data), batch_size):
-        xb = data.images[perm[i:i + batch_size]].to(device)
-        yield to_float(random_crop_flip(xb, rng), False)
-
-
 def reverse_engineer(model: nn.Module, reserve: ImageSet, target: int, config: NCConfig,
                      generator: torch.Generator, device: torch.device) -> ReversedTrigger:
     """Step 2 for one class: the smallest mask (and its pattern) that sends the
@@ -237,7 +228,7 @@ def reverse_engineer(model: nn.Module, reserve: ImageSet, target: int, config: N
         hits = torch.zeros((), device=device)
         reg_sum = torch.zeros((), device=device)
         seen = steps = 0
-        for x in _batches(reserve, config.batch_size, generator, device):
+        for x, _ in shuffled_batches(reserve.images, reserve.labels, config.batch_size, generator, device):
             mask, pattern = _squash(theta_m), _squash(theta_p)
             y = torch.full((len(x),), target, dtype=torch.int64, device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
