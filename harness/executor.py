@@ -265,6 +265,8 @@ class RayExecutor:
         self.holds: list[set[str]] = [set() for _ in self.actors]
         self.attempts: dict[str, int] = {}
         self.unavailable_since: dict[str, float] = {}
+        # (Ray before 2.2x has no such error: there, a silent node's calls fail as a lost actor's)
+        self.unavailable = getattr(ray.exceptions, "ActorUnavailableError", ())
 
     def _taken(self) -> set[int]:
         return {i for i, _ in self.busy.values()} | set(self.later)
@@ -305,7 +307,7 @@ class RayExecutor:
                 out.append(JobRecord.model_validate(self.ray.get(ref)))
                 self.holds[i].add(model_key(job))
                 continue
-            except self.ray.exceptions.ActorUnavailableError as err:
+            except self.unavailable as err:
                 if job.key not in self.unavailable_since:
                     self.log(f"{job.label}: ray actor {i} unavailable (its node stopped answering); "
                              f"calling it again as Ray restarts it")

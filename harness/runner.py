@@ -349,7 +349,6 @@ def _schedule(jobs: list[Job], store: Store, executor, counts: dict[str, int], l
         pending[job.key] = job
     running: dict[str, Job] = {}
     elsewhere: dict[str, str] = {}  # job key -> the other run that holds it (or finished it)
-
     recompute: set[str] = set()  # finished by another run, but its artifact fails the check
 
     def claim(job: Job) -> bool:

@@ -20,6 +20,7 @@ import os
 import socket
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -108,18 +109,16 @@ class Store:
             if rec.status != "running":
                 self.db.execute("DELETE FROM claims WHERE key = ?", (rec.key,))
 
-    def _transaction(self):
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on an error): one writer at a time."""
-        db = self.db
-
-        class _Tx:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, kind, *_):
-                db.execute("ROLLBACK" if kind else "COMMIT")
-
-        return _Tx()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     # -- claims: which live run is running a job ------------------------------------
 
