@@ -265,7 +265,7 @@ class RayExecutor:
         self.holds: list[set[str]] = [set() for _ in self.actors]
         self.attempts: dict[str, int] = {}
         self.unavailable_since: dict[str, float] = {}
-        # (Ray before 2.2x has no such error: there, a silent node's calls fail as a lost actor's)
+        # (older Rays have no such error: there a silent node's calls fail as a lost actor's)
         self.unavailable = getattr(ray.exceptions, "ActorUnavailableError", ())
 
     def _taken(self) -> set[int]:
