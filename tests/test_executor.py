@@ -50,15 +50,21 @@ def harness_defenses():
 '''
 
 
-@pytest.fixture
-def killer(tmp_path, monkeypatch):
+def plugin_module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    """Write ``source`` as module ``name`` and load it as a plugin here and in every worker or actor
+    (through PYTHONPATH and HARNESS_PLUGINS, as a user would); the registry is reset to see it."""
     folder = tmp_path / "plugins"
     folder.mkdir()
-    (folder / "killer_defense.py").write_text(textwrap.dedent(KILLER))
+    (folder / f"{name}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setenv("HARNESS_PLUGINS", "killer_defense")
+    monkeypatch.setenv("HARNESS_PLUGINS", name)
     registry.reset()
+
+
+@pytest.fixture
+def killer(tmp_path, monkeypatch):
+    plugin_module(tmp_path, monkeypatch, "killer_defense", KILLER)
     yield tmp_path
     registry.reset()
 
@@ -178,13 +184,7 @@ def test_ray_reruns_the_job_of_a_lost_node(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="the test extras install Ray: pip install -e '.[test]'")
     from ray.cluster_utils import Cluster
 
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "staller_defense.py").write_text(textwrap.dedent(STALLER))
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setenv("HARNESS_PLUGINS", "staller_defense")
-    registry.reset()
+    plugin_module(tmp_path, monkeypatch, "staller_defense", STALLER)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     first = cluster.add_node(num_cpus=1)
 
