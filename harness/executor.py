@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .matrix import Job
-from .store import JobRecord, job_record, now
+from .store import JobRecord, Records, job_record, now
 
 #: how often the pool looks at its workers while waiting for results
 POLL_S = 0.5
@@ -232,24 +232,27 @@ class RayExecutor:
     ``1 / per_device`` of a GPU (fractional GPUs: several small jobs share
     one) or, without GPUs, one CPU. Actors read and write artifacts in the
     work directory, which must therefore be a path every node can read and
-    write (a shared file system mounted at the same path); only the driver
-    writes the store. An actor lost with its node is restarted by Ray, and the
-    job it ran is run again (``retries``), then recorded failed.
+    write (a shared file system mounted at the same path). Only the driver
+    opens the store (an SQLite database, which must not be shared across
+    nodes): each call sends the records of the job's upstream jobs along. An
+    actor lost with its node is restarted by Ray, and the job it ran is run
+    again (``retries``), then recorded failed.
 
     Args:
+        store: the driver's store (the upstream records are read from it).
         address: ``ray.init`` address (``"auto"`` joins a running cluster; None starts a local one).
         slots: how many actors (default: one per GPU times ``per_device``, else the cluster's CPUs).
     """
 
-    def __init__(self, workdir: Path, jobs: dict[str, Job], *, address: str | None = None, per_device: int = 1,
-                 slots: int | None = None, retries: int = 2, log=print):
+    def __init__(self, workdir: Path, jobs: dict[str, Job], store: Records, *, address: str | None = None,
+                 per_device: int = 1, slots: int | None = None, retries: int = 2, log=print):
         try:
             import ray
         except ImportError:
             from .errors import HarnessError
 
             raise HarnessError("--executor ray needs Ray: pip install 'backdoor-harness[ray]'") from None
-        self.ray, self.jobs, self.retries, self.log = ray, jobs, retries, log
+        self.ray, self.jobs, self.store, self.retries, self.log = ray, jobs, store, retries, log
         if not ray.is_initialized():
             # the actors see the driver's data, cache and plugin settings
             env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
@@ -275,7 +278,17 @@ class RayExecutor:
         return len(self.actors) - len(self._taken())
 
     def _call(self, i: int, job: Job) -> None:
-        self.busy[self.actors[i].run.remote(job.key)] = (i, job)
+        self.busy[self.actors[i].run.remote(job.key, self._upstream(job))] = (i, job)
+
+    def _upstream(self, job: Job) -> dict[str, dict]:
+        """The records of every job upstream of ``job`` (what it loads), for the actor."""
+        out, todo = {}, list(job.deps)
+        while todo:
+            key = todo.pop()
+            if key not in out and (rec := self.store.get(key)) is not None:
+                out[key] = rec.model_dump()
+                todo += self.jobs[key].deps
+        return out
 
     def submit(self, ready: list[Job], claim: Claim = lambda job: True) -> list[tuple[Job, str]]:
         started, ready = [], list(ready)
@@ -336,17 +349,19 @@ class RayExecutor:
 
 
 class _RayWorker:
-    """A Ray actor's state: a Runner over the shared work directory."""
+    """A Ray actor's state: a Runner over the shared work directory. It never opens the store
+    (SQLite is not for databases shared across nodes): each call brings the records of the
+    job's upstream jobs."""
 
     def __init__(self, workdir: str, device: str, jobs: dict[str, Job]):
         import torch
 
         from .runner import Runner
-        from .store import Store
 
         self.jobs = jobs
-        self.runner = Runner(Store(workdir), torch.device(device), False)
+        self.runner = Runner(Records(workdir), torch.device(device), False)
         self.runner._jobs = jobs
 
-    def run(self, key: str) -> dict:
+    def run(self, key: str, upstream: dict[str, dict]) -> dict:
+        self.runner.store.update({k: JobRecord.model_validate(v) for k, v in upstream.items()})
         return self.runner.run_job(self.jobs[key]).model_dump()

@@ -34,7 +34,7 @@ from .models import (Normalized, channel_stats, create_model, load_attack_state,
                      save_checkpoint)
 from .registry import create, get_class
 from .status import save_matrix
-from .store import FINISHED, JobRecord, RunLease, Store, active_runs, job_record, now, sha256_file
+from .store import FINISHED, JobRecord, Records, RunLease, Store, active_runs, job_record, now, sha256_file
 from .train import Recipe, default_device, fit, predict
 
 
@@ -73,7 +73,7 @@ def _plain(value: Any) -> Any:
 class Runner:
     """Runs jobs of one matrix in this process, caching data and models it reuses."""
 
-    store: Store
+    store: Records  # a Store, or (on a Ray actor) the records the driver sent
     device: torch.device = field(default_factory=default_device)
     progress: bool = True
     _jobs: dict[str, Job] = field(default_factory=dict)
@@ -293,7 +293,8 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
         store = Store(workdir)
         save_matrix(spec, workdir)
         if executor == "ray":
-            pool = RayExecutor(workdir, by_key, address=address, per_device=workers, retries=retries, log=log)
+            pool = RayExecutor(workdir, by_key, store, address=address, per_device=workers, retries=retries,
+                               log=log)
             where = f"{len(pool.actors)} Ray actors"
         elif workers > 1 or devices:
             if not devices:

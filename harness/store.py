@@ -82,15 +82,58 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class Store:
+class Records:
+    """What running a job needs of the records: look one up, and whether a job is final with its
+    artifact intact. :class:`Store` is the SQLite-backed one; a bare ``Records`` holds the records
+    it is given (a Ray actor's: the driver sends each job's upstream records with it, so no node
+    but the driver's opens the database)."""
+
+    def __init__(self, workdir: str | Path, records: dict[str, JobRecord] | None = None):
+        self.workdir = Path(workdir)
+        self.artifacts = self.workdir / "artifacts"
+        self._intact: set[tuple] = set()
+        self._records = dict(records or {})
+
+    def get(self, key: str) -> JobRecord | None:
+        return self._records.get(key)
+
+    def update(self, records: dict[str, JobRecord]) -> None:
+        self._records.update(records)
+
+    def is_final(self, key: str) -> bool:
+        """Done or skipped, with its artifact (if any) on disk and matching its recorded sha256:
+        a missing, truncated or corrupt artifact makes the job run again, never silently used."""
+        rec = self.get(key)
+        if rec is None or rec.status not in FINAL:
+            return False
+        return rec.artifact is None or self.artifact_intact(rec)
+
+    def artifact_intact(self, rec: JobRecord) -> bool:
+        """Whether ``rec``'s artifact exists and hashes to its recorded sha256 (checked once per file version)."""
+        path = self.workdir / rec.artifact
+        if not path.exists():
+            return False
+        if not rec.artifact_sha256:
+            return True
+        stat = path.stat()
+        memo = (rec.key, rec.artifact_sha256, stat.st_size, stat.st_mtime_ns)
+        if memo not in self._intact:
+            if sha256_file(path) != rec.artifact_sha256:
+                return False
+            self._intact.add(memo)
+        return True
+
+    def artifact_path(self, key: str) -> Path:
+        return self.artifacts / f"{key}.safetensors"
+
+
+class Store(Records):
     """SQLite-backed job records under ``workdir/results.sqlite``."""
 
     def __init__(self, workdir: str | Path):
-        self.workdir = Path(workdir)
+        super().__init__(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.artifacts = self.workdir / "artifacts"
         self.path = self.workdir / "results.sqlite"
-        self._intact: set[tuple] = set()
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         cols = ", ".join(f"{c} TEXT" if c != "key" else "key TEXT PRIMARY KEY" for c in _COLUMNS)
@@ -169,32 +212,6 @@ class Store:
         for row in self.db.execute(q, (kind,) if kind else ()):
             yield self._record(row)
 
-    def is_final(self, key: str) -> bool:
-        """Done or skipped, with its artifact (if any) on disk and matching its recorded sha256:
-        a missing, truncated or corrupt artifact makes the job run again, never silently used."""
-        rec = self.get(key)
-        if rec is None or rec.status not in FINAL:
-            return False
-        return rec.artifact is None or self.artifact_intact(rec)
-
-    def artifact_intact(self, rec: JobRecord) -> bool:
-        """Whether ``rec``'s artifact exists and hashes to its recorded sha256 (checked once per file version)."""
-        path = self.workdir / rec.artifact
-        if not path.exists():
-            return False
-        if not rec.artifact_sha256:
-            return True
-        stat = path.stat()
-        memo = (rec.key, rec.artifact_sha256, stat.st_size, stat.st_mtime_ns)
-        if memo not in self._intact:
-            if sha256_file(path) != rec.artifact_sha256:
-                return False
-            self._intact.add(memo)
-        return True
-
-    def artifact_path(self, key: str) -> Path:
-        return self.artifacts / f"{key}.safetensors"
-
     def export_jsonl(self, path: str | Path) -> int:
         n = 0
         with open(path, "w") as f:
@@ -212,8 +229,8 @@ class RunLease:
 
     The kernel drops the lock when the process dies, however it dies, so
     :func:`lease_alive` tells a live run from a killed one. The file holds the
-    host and pid, for messages. (On a shared file system across nodes the
-    lock needs one that supports ``flock``, e.g. NFSv4.)
+    host and pid, for messages. Runs sharing a work directory are on one
+    machine (the store is SQLite in WAL mode: a local file system).
     """
 
     def __init__(self, workdir: Path):

@@ -213,3 +213,21 @@ def test_ray_reruns_the_job_of_a_lost_node(tmp_path, monkeypatch):
     assert (tmp_path / "runs").read_text() == "2"  # stalled once on the lost node, then run again
     # Ray reports the call lost as the actor's node goes (unavailable, or died if Ray noticed first)
     assert sum("ray actor 0 unavailable" in line or "retry 1 of 2" in line for line in lines) == 1, lines
+
+
+@pytest.mark.integration
+def test_a_ray_actor_never_opens_the_store(tmp_path):
+    """What an actor runs needs only the upstream records the driver sends (SQLite must not be shared
+    across nodes): a train job, then its purify job, in a work directory with no database."""
+    from backdoor_harness.executor import _RayWorker
+    from backdoor_harness.matrix import expand
+
+    jobs = {j.key: j for j in expand(spec(["none"], ["badnets"]))}
+    train = next(j for j in jobs.values() if j.kind == "train")
+    purify = next(j for j in jobs.values() if j.kind == "purify")
+    actor = _RayWorker(str(tmp_path), "cpu", jobs)
+    trained = actor.run(train.key, {})
+    assert trained["status"] == "done", trained["error"]
+    purified = actor.run(purify.key, {train.key: trained})
+    assert purified["status"] == "done", purified["error"]
+    assert not list(tmp_path.glob("results.sqlite*"))
