@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--reported", help="published numbers to show beside the measured ones "
                                               "(default: the leaderboard's reported.yaml)")
             s.add_argument("--long", action="store_true", help="text/markdown: a row per (attack, defense) cell")
-            s.add_argument("--records", nargs="+", help="render these exported JSONL files instead of a workdir (each file its own boards)")
+            s.add_argument("--records", nargs="+",
+                           help="render these exported JSONL files instead of a workdir (each file its own boards)")
             s.add_argument("--add", metavar="FILE", help="validate an exported run and add it to the published "
                                                          "records (refused with the reasons otherwise)")
             s.add_argument("--published", default="leaderboard/published.yaml",

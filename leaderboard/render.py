@@ -111,20 +111,18 @@ def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[di
     records = list(records)
     if sources is not None and len(sources) != len(records):
         raise ValueError(f"{len(sources)} sources for {len(records)} records")
-    named = dict(zip(map(id, records), sources or []))
-    src = lambda rec: named.get(id(rec))  # noqa: E731
     by_key = {_get(r, "key"): r for r in records if _get(r, "key")}
     cells: dict[tuple, dict[str, Any]] = {}
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     costs: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
-    for rec in records:
+    for rec, source in zip(records, sources or [None] * len(records)):
         kind, a = _get(rec, "kind"), _get(rec, "attrs") or {}
         if kind == "purify" and _get(rec, "status") == "done":
-            costs[(src(rec), a["dataset"], a["model"], a["attack"], a["defense"])].append(
+            costs[(source, a["dataset"], a["model"], a["attack"], a["defense"])].append(
                 (_get(rec, "wall_s") or 0.0, _get(rec, "device") or "?"))
         if kind != "evaluate":
             continue
-        key = (src(rec), a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"])
+        key = (source, a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"])
         cell = cells.setdefault(key, {"dataset": key[1], "model": key[2], "poison_rate": key[3],
                                       "attack": key[4], "defense": key[5], "metrics": {}, "seeds": set(),
                                       "status": {}, **({"source": key[0]} if key[0] is not None else {})})
