@@ -15,7 +15,7 @@ Per board (data set, model, poison rate), the page shows:
   (superficial safety). Left out when no cell has a P-ASR.
 
 Then the ASR curves of :func:`plots.curves` along the linear path between two models (LMC: from the
-backdoored model, or the clean one for a ``*clean_path*`` curve, at t = 0 to the purified one at t = 1), one
+backdoored model, or the clean one for a ``*clean_to_purified*`` curve, at t = 0 to the purified one at t = 1), one
 plot per (data set, model, attack, curve), a line per defense.
 
 The page needs nothing from the network: the style, the plots (SVG drawn here) and the sorting script

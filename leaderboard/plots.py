@@ -4,7 +4,7 @@ Any evaluator metric declared as a curve (``Metric(curve=True)``) whose name
 shares a prefix with a ``<prefix>_t`` grid (``lmc_t`` + ``lmc_asr``, ...) is
 drawn per (data set, model, attack, metric), one line per defense, as PNG and
 SVG; a curve belongs to the grid with the longest matching prefix
-(``lmc_clean_path_asr`` to ``lmc_clean_path_t``, not ``lmc_t``). Seeds are
+(``lmc_clean_to_purified_asr`` to ``lmc_clean_to_purified_t``, not ``lmc_t``). Seeds are
 averaged point-wise.
 """
 

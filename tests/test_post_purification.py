@@ -160,15 +160,15 @@ def test_qra_runs_and_is_reproducible(ctx):
     assert set(code_form.evaluate(ctx)) == set(first)
 
 
-def test_clean_path_runs_from_the_clean_model_to_the_purified_one(ctx):
+def test_clean_to_purified_line_runs_from_the_clean_model_to_the_purified_one(ctx):
     out = bh.create_evaluator("lmc", points=3).evaluate(ctx)
     ends = [score(m, ctx.clean_test, ctx.poisoned_test, CPU) for m in (ctx.clean_model, ctx.purified)]
-    assert out["lmc_clean_path_t"] == [0.0, 0.5, 1.0]
-    assert out["lmc_clean_path_clean_acc"][0] == ends[0]["clean_acc"]
-    assert out["lmc_clean_path_asr"][-1] == ends[1]["asr"]
-    assert out["lmc_clean_path_barrier"] >= 0
-    off = bh.create_evaluator("lmc", points=3, clean_path=False)
-    assert off.needs_clean_model is False and "lmc_clean_path_barrier" not in off.evaluate(ctx)
+    assert out["lmc_clean_to_purified_t"] == [0.0, 0.5, 1.0]
+    assert out["lmc_clean_to_purified_clean_acc"][0] == ends[0]["clean_acc"]
+    assert out["lmc_clean_to_purified_asr"][-1] == ends[1]["asr"]
+    assert out["lmc_clean_to_purified_barrier"] >= 0
+    off = bh.create_evaluator("lmc", points=3, clean_to_purified=False)
+    assert off.needs_clean_model is False and "lmc_clean_to_purified_barrier" not in off.evaluate(ctx)
 
 
 def test_barrier_by_hand():
@@ -184,11 +184,11 @@ def test_curves_belong_to_the_grid_with_the_longest_prefix():
 
     rec = {"kind": "evaluate", "status": "done",
            "attrs": {"dataset": "d", "model": "m", "attack": "a", "defense": "ft"},
-           "metrics": {"lmc_t": [0, 1], "lmc_asr": [1, 0], "lmc_clean_path_t": [0, 0.5, 1],
-                       "lmc_clean_path_asr": [0, 0, 0], "lmc_asr_mid": 0.5}}
+           "metrics": {"lmc_t": [0, 1], "lmc_asr": [1, 0], "lmc_clean_to_purified_t": [0, 0.5, 1],
+                       "lmc_clean_to_purified_asr": [0, 0, 0], "lmc_asr_mid": 0.5}}
     got = curves([rec])
     assert got[("d", "m", "a", "lmc_asr")]["ft"] == ([0, 1], [1.0, 0.0])
-    assert got[("d", "m", "a", "lmc_clean_path_asr")]["ft"][0] == [0, 0.5, 1]
+    assert got[("d", "m", "a", "lmc_clean_to_purified_asr")]["ft"][0] == [0, 0.5, 1]
     assert len(got) == 2
 
 

@@ -13,14 +13,20 @@ Algorithm:
    integer buffers are taken from the nearer end point);
 2. optionally (``recalibrate_bn``) reset BatchNorm statistics and re-estimate
    them on the defender's clean reserve;
-3. measure ASR, backdoor error (1 - ASR) and clean accuracy of theta(t);
-4. with ``clean_path`` (default on), the same along the clean-connected path,
-   from the clean reference model of the cell (t = 0) to the purified model
-   (t = 1). The clean and the attacked model start from the same initial
-   weights (same seed), so this path asks whether purification lands in the
-   clean model's basin: its summary is the clean-accuracy barrier
-   ``lmc_clean_path_barrier``, max over t of the straight line between the
-   end points' accuracies minus the accuracy at t (Frankle et al.'s error
+3. measure ASR, backdoor error (1 - ASR) and clean accuracy of theta(t).
+   The paper's two curves are both on this line: the "backdoor-connected
+   path" is its backdoor error (``lmc_backdoor_error``, scored on the poisoned
+   test set) and its "clean-connected path" (Appendix C, Figure 14) is the
+   same line scored on clean data (``lmc_clean_acc``);
+4. a harness extra, not in the paper: with ``clean_to_purified`` (default
+   on), the same measurements along a *different* line, from the clean
+   reference model of the cell (t = 0) to the purified model (t = 1), named
+   ``lmc_clean_to_purified_*`` so that it cannot be read as the paper's
+   clean-connected path. The clean and the attacked model start from the same
+   initial weights (same seed), so this line asks whether purification lands
+   in the clean model's basin: its summary is the clean-accuracy barrier
+   ``lmc_clean_to_purified_barrier``, max over t of the straight line between
+   the end points' accuracies minus the accuracy at t (Frankle et al.'s error
    barrier, 0 when the path has no dip).
 
 Results: the whole curves (``lmc_t``, ``lmc_asr``, ``lmc_backdoor_error``,
@@ -33,8 +39,10 @@ near t = 0.2 while the usual defenses need t > 0.5. The runner draws every
 curve per (data set, model, attack), one line per defense.
 
 Departures: the paper interpolates from the backdoored to the purified model
-only; "clean-connected path" is the harness's reading of the issue (the paper's
-Figure 5 instead connects other defenses to EP).
+only (and, in its Figure 5, from other defenses to EP); the clean-to-purified
+line of step 4 is the harness's own addition. Until version 3 its metrics were
+called ``lmc_clean_path_*`` (config ``clean_path``), a name that read as the
+paper's clean-connected path.
 """
 
 from __future__ import annotations
@@ -55,15 +63,16 @@ class LMCConfig(PluginConfig):
         points: number of evenly spaced t in [0, 1] (both ends included).
         recalibrate_bn: re-estimate BatchNorm statistics on the reserve at each t.
         escape_asr: the ASR level that defines the escape point.
-        clean_path: also walk the path from the clean reference model to the
-            purified model (needs the clean model: one more training job per
+        clean_to_purified: also walk the line from the clean reference model to
+            the purified model (a harness extra, not the paper's clean-connected
+            path, which is ``lmc_clean_acc``) (needs the clean model: one more training job per
             data set, model and seed).
     """
 
     points: int = Field(default=21, ge=2)
     recalibrate_bn: bool = False
     escape_asr: float = Field(default=0.2, gt=0, le=1)
-    clean_path: bool = True
+    clean_to_purified: bool = True
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, t: float, out: nn.Module) -> nn.Module:
@@ -92,28 +101,31 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, device: torch.device,
 
 class LinearModeConnectivity(Evaluator):
     name = "lmc"
-    version = "2"
-    summary = "backdoor-connected path: ASR/C-Acc from backdoored (t=0) to purified (t=1) weights; clean path"
+    version = "3"
+    summary = "backdoor- and clean-connected paths: ASR/C-Acc from backdoored (t=0) to purified (t=1) weights"
     paper = "Min, Qin et al., Superficial Safety of Backdoor Defense, NeurIPS 2024"
     Config = LMCConfig
     metrics = {
         "lmc_t": Metric(higher_is_better=True, doc="t (0 = backdoored, 1 = purified)", curve=True),
         "lmc_asr": Metric(higher_is_better=False, doc="ASR at each t", curve=True),
         "lmc_backdoor_error": Metric(higher_is_better=True, doc="1 - ASR at each t", curve=True),
-        "lmc_clean_acc": Metric(higher_is_better=True, doc="clean accuracy at each t", curve=True),
+        "lmc_clean_acc": Metric(higher_is_better=True, doc="clean accuracy at each t (the paper's clean-connected path)",
+                                curve=True),
         "lmc_asr_mid": Metric(higher_is_better=False, doc="ASR at t = 0.5"),
         "lmc_escape_t": Metric(higher_is_better=False, doc="smallest t from which ASR stays below escape_asr"),
-        "lmc_clean_path_t": Metric(higher_is_better=True, doc="t (0 = clean model, 1 = purified)", curve=True),
-        "lmc_clean_path_asr": Metric(higher_is_better=False, doc="ASR at each t of the clean path", curve=True),
-        "lmc_clean_path_clean_acc": Metric(higher_is_better=True, doc="clean accuracy along the clean path",
-                                           curve=True),
-        "lmc_clean_path_barrier": Metric(higher_is_better=False,
-                                         doc="clean-accuracy barrier between the clean and the purified model"),
+        "lmc_clean_to_purified_t": Metric(higher_is_better=True, doc="t (0 = clean model, 1 = purified)",
+                                          curve=True),
+        "lmc_clean_to_purified_asr": Metric(higher_is_better=False, doc="ASR at each t, clean -> purified",
+                                            curve=True),
+        "lmc_clean_to_purified_clean_acc": Metric(higher_is_better=True,
+                                                  doc="clean accuracy at each t, clean -> purified", curve=True),
+        "lmc_clean_to_purified_barrier": Metric(higher_is_better=False,
+                                                doc="clean-accuracy barrier between the clean and the purified model"),
     }
 
     @property
     def needs_clean_model(self) -> bool:  # an instance property: the config decides
-        return self.config.clean_path
+        return self.config.clean_to_purified
 
     def path(self, start: nn.Module, end: nn.Module, ctx) -> tuple[list[float], list[float], list[float]]:
         """(t, ASR, clean accuracy) along the straight line from ``start`` (t = 0) to ``end`` (t = 1)."""
@@ -136,10 +148,10 @@ class LinearModeConnectivity(Evaluator):
         escape = escape_point(ts, asr, self.config.escape_asr)
         if escape is not None:
             out["lmc_escape_t"] = escape
-        if self.config.clean_path:
+        if self.config.clean_to_purified:
             ts, asr, acc = self.path(ctx.clean_model, ctx.purified, ctx)
-            out.update(lmc_clean_path_t=ts, lmc_clean_path_asr=asr, lmc_clean_path_clean_acc=acc,
-                       lmc_clean_path_barrier=barrier(ts, acc))
+            out.update(lmc_clean_to_purified_t=ts, lmc_clean_to_purified_asr=asr,
+                       lmc_clean_to_purified_clean_acc=acc, lmc_clean_to_purified_barrier=barrier(ts, acc))
         return out
 
 
