@@ -34,10 +34,17 @@ CORE_VERSION = "2"
 
 
 class PluginRef(BaseModel):
-    """A plugin in a matrix: ``name`` or ``{name, config, label}``.
+    """A plugin in a matrix: ``name`` or ``{name, config, label, per_attack}``.
 
     ``label`` names the entry in results and leaderboards (default: ``name``),
     so one plugin can appear with several configs.
+
+    ``per_attack`` (defenses and evaluators only) maps an attack's label in the
+    matrix to config values that replace ``config``'s for that attack's cells,
+    e.g. paper 000's PAM radius ``{name: pam, config: {rho: 0.5}, per_attack:
+    {badnets: {rho: 0.9}}}``. A per-attack setting lives in the matrix file,
+    never in code that names attacks. A cell's job key holds only the config
+    it runs with, so a cell without an override keeps the key it had.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,6 +52,7 @@ class PluginRef(BaseModel):
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+    per_attack: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -54,6 +62,15 @@ class PluginRef(BaseModel):
     @property
     def display(self) -> str:
         return self.label or self.name
+
+    def config_for(self, attack: str | None = None) -> dict[str, Any]:
+        """The config of the cells of ``attack`` (an attack label): ``config`` with that
+        attack's ``per_attack`` values over it."""
+        return {**self.config, **self.per_attack.get(attack, {})} if attack is not None else dict(self.config)
+
+    def payload(self, attack: str | None = None) -> dict[str, Any]:
+        """What enters a job key: the plugin's name and the config the cell runs with."""
+        return {"name": self.name, "config": self.config_for(attack)}
 
 
 class MatrixSpec(BaseModel):
@@ -118,16 +135,27 @@ def load_matrix(path: str | Path) -> MatrixSpec:
 
 def validate_plugins(spec: MatrixSpec, where: str = "matrix") -> None:
     """Every plugin exists and its config validates (at load time, not mid-run)."""
+    attack_labels = [a.display for a in spec.attacks]
     for kind, refs in (("attack", spec.attacks), ("defense", spec.defenses), ("evaluator", spec.evaluators)):
         labels = [r.display for r in refs]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise HarnessError(f"{where}: {kind}s: {sorted(dup)} appear twice; give each entry its own `label`")
         for i, ref in enumerate(refs):
-            try:
-                create(kind, ref.name, **ref.config)
-            except HarnessError as err:
-                raise HarnessError(f"{where}: {kind}s[{i}]: {err}") from None
+            if ref.per_attack and kind == "attack":
+                raise HarnessError(f"{where}: attacks[{i}] ({ref.display}): `per_attack` is for defenses and "
+                                   f"evaluators; give the attack its own entry (with a `label`) instead")
+            unknown = sorted(set(ref.per_attack) - set(attack_labels))
+            if unknown:
+                raise HarnessError(f"{where}: {kind}s[{i}] ({ref.display}): per_attack names {unknown}, not an "
+                                   f"attack of this matrix (its attacks: {', '.join(attack_labels)}); use the "
+                                   f"attacks' labels")
+            for atk in [None, *ref.per_attack]:
+                try:
+                    create(kind, ref.name, **ref.config_for(atk))
+                except HarnessError as err:
+                    at = f" (per_attack {atk})" if atk is not None else ""
+                    raise HarnessError(f"{where}: {kind}s[{i}]{at}: {err}") from None
     for i, ds in enumerate(spec.datasets):
         try:
             create("dataset", ds.name, **ds.options)
@@ -191,7 +219,8 @@ def expand(spec: MatrixSpec) -> list[Job]:
     """
     jobs: dict[str, Job] = {}
     recipe = spec.recipe.payload()
-    evaluators = {e.display: create("evaluator", e.name, **e.config) for e in spec.evaluators}
+    evaluators = {(e.display, a.display): create("evaluator", e.name, **e.config_for(a.display))
+                  for e in spec.evaluators for a in spec.attacks}
     needs_clean = any(ev.needs_clean_model for ev in evaluators.values())
 
     def add(job: Job) -> Job:
@@ -216,7 +245,7 @@ def expand(spec: MatrixSpec) -> list[Job]:
                     a_cls = get_class("attack", atk.name)
                     rate = a_cls.Config(**atk.config).poison_rate
                     a_attrs = {**base, "attack": atk.display, "poison_rate": rate}
-                    a_ref = atk.model_dump(mode="json", exclude={"label"})
+                    a_ref = atk.payload()
                     a_versions = {"dataset": ds_version, "attack": _version("attack", atk)}
                     train_deps = []
                     if a_cls.prepares():  # generated resources: one job per data set (and model), cached
@@ -240,20 +269,20 @@ def expand(spec: MatrixSpec) -> list[Job]:
                         return add(_make("purify",
                                          f"purify {ds.display}/{model.display}/{atk.display}/{dfn.display}/s{seed}",
                                          [train.key], {**a_attrs, "defense": dfn.display},
-                                         {"defense": dfn.model_dump(mode="json", exclude={"label"}), "seed": seed,
+                                         {"defense": dfn.payload(atk.display), "seed": seed,
                                           "reserve": reserve},
                                          {"defense": _version("defense", dfn)}))
 
                     for dfn in spec.defenses:
                         row = purify(dfn)
                         for ev in spec.evaluators:
-                            ev_obj = evaluators[ev.display]
+                            ev_obj = evaluators[(ev.display, atk.display)]
                             deps = [train.key, row.key] + ([clean.key] if ev_obj.needs_clean_model else [])
                             deps += [purify(PluginRef.model_validate(r)).key for r in ev_obj.needs_defenses]
                             add(_make("evaluate",
                                       f"evaluate {ds.display}/{model.display}/{atk.display}/{dfn.display}/{ev.display}/s{seed}",
                                       deps, {**row.attrs, "evaluator": ev.display},
-                                      {"evaluator": ev.model_dump(mode="json", exclude={"label"}), "seed": seed,
+                                      {"evaluator": ev.payload(atk.display), "seed": seed,
                                        "reserve": reserve},
                                       {"evaluator": str(ev_obj.version)}))
     return list(jobs.values())

@@ -106,3 +106,54 @@ def test_spc_entries_share_the_training_jobs_and_keep_their_labels():
     assert sorted(j.attrs["dataset"] for j in jobs if j.kind == "evaluate") == [
         "cifar10-spc10", "cifar10-spc100", "cifar10-spc2"]
     assert [j.payload["reserve"]["reserve_per_class"] for j in purify] == [2, 10, 100]
+
+
+# -- per-attack settings (paper 000's PAM radius and retuning counts differ by attack) ---------------
+
+TWO = {**BASE, "attacks": ["badnets", {"name": "blended", "config": {"alpha": 0.1}}]}
+
+
+def keys2(**over) -> dict[str, str]:
+    return {j.label: j.key for j in expand(MatrixSpec.model_validate({**TWO, **over}))}
+
+
+def test_per_attack_defense_config_changes_only_that_attacks_cells():
+    before = keys2()
+    after = keys2(defenses=["none", {"name": "ft", "config": {"epochs": 2}, "per_attack": {"badnets": {"epochs": 3}}}])
+    plain = keys2(defenses=["none", {"name": "ft", "config": {"epochs": 2}}])
+    # blended's cells run with epochs 2: the same keys as a matrix without per_attack
+    assert {k: v for k, v in after.items() if "/blended/" in k} == {k: v for k, v in plain.items() if "/blended/" in k}
+    assert changed(before, after) == {k for k in before if "/ft/" in k}
+    assert changed(plain, after) == {k for k in before if "/ft/" in k and "/badnets/" in k}
+    jobs = {j.label: j for j in expand(MatrixSpec.model_validate({**TWO, "defenses": [
+        {"name": "ft", "config": {"epochs": 2}, "per_attack": {"badnets": {"epochs": 3}}}]}))}
+    assert jobs["purify cifar10/tiny_cnn/badnets/ft/s0"].payload["defense"] == {"name": "ft", "config": {"epochs": 3}}
+    assert jobs["purify cifar10/tiny_cnn/blended/ft/s0"].payload["defense"] == {"name": "ft", "config": {"epochs": 2}}
+
+
+def test_per_attack_evaluator_config():
+    plain = keys2(evaluators=["clean_acc", {"name": "retune", "config": {"control": False}}])
+    after = keys2(evaluators=["clean_acc", {"name": "retune", "config": {"control": False},
+                                           "per_attack": {"blended": {"poison_count": 1}}}])
+    assert changed(plain, after) == {k for k in plain if k.startswith("evaluate") and "/blended/" in k
+                                     and k.split("/")[-2] == "retune"}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "ft", "per_attack": {"badnet": {"epochs": 3}}}, "per_attack names ['badnet'], not an attack"),
+    ({"name": "ft", "per_attack": {"badnets": {"epochz": 3}}}, "defenses[0] (per_attack badnets)"),
+])
+def test_per_attack_mistakes_are_named(tmp_path, entry, message):
+    import yaml
+
+    from backdoor_harness.errors import HarnessError
+    from backdoor_harness.matrix import load_matrix
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({**TWO, "defenses": [entry]}))
+    with pytest.raises(HarnessError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        load_matrix(path)
+    path.write_text(yaml.safe_dump({**TWO, "attacks": [{"name": "badnets", "per_attack": {"badnets": {}}}]}))
+    with pytest.raises(HarnessError, match="per_attack` is for defenses and evaluators"):
+        load_matrix(path)
