@@ -141,7 +141,8 @@ def _entry_cell(entry: dict, reasons: list[str]) -> str:
 
 def _row(board: dict, row: dict, colours: dict[str, str]) -> str:
     d = row["defense"]
-    cells = [f'<td class="text"><span class="swatch" style="background:{colours[d]}"></span>{_e(d)}</td>']
+    oracle = ' <small title="uses the real trigger: never marked best">(oracle)</small>' if row.get("oracle") else ""
+    cells = [f'<td class="text"><span class="swatch" style="background:{colours[d]}"></span>{_e(d)}{oracle}</td>']
     for g in _groups(board):
         entries = row["avg"] if g == "avg" else row["cells"][g]
         reasons = [n for n in board["notes"] if n.startswith(f"{d} / {g} / ")]

@@ -13,10 +13,13 @@ mean wall seconds of its purify jobs and the device they ran on.
 Every value is a mean over seeds. A cell that failed, was blocked or skipped
 shows that status, never a number, and the reason is listed under the board;
 a cell never run shows a dash. The best value of each column among the
-defenses (``none`` excluded: it is the reference) is marked. Where a
-defense's paper reports a number for the cell (``reported.yaml`` beside this
-module, each entry citing paper and table), it is shown beside the measured
-one.
+defenses is marked; ``none`` (the reference) and the oracle rows (a defense
+that needs the real trigger, e.g. EP, marked ``(oracle)``) are shown but never
+marked best. Where a paper reports a number for the cell (``reported.yaml``
+beside this module, each entry citing paper and table and naming its setup in
+``setups.yaml``), it is shown beside the measured one only when the cell's
+recorded configs are that setup (:mod:`.setups`); otherwise the board's notes
+say which fields differ.
 
 An evaluator listed under its own ``label`` (``{name: qra, label: qra_kl}``)
 keeps its metrics apart: they are folded as ``<metric>@<label>`` and shown in
@@ -35,6 +38,8 @@ from typing import Any, Iterable
 
 import yaml
 from tabulate import tabulate
+
+from .setups import SETUPS_FILE, cell_setup, differences, evaluator_setup, load_setups
 
 
 @dataclass(frozen=True)
@@ -101,10 +106,29 @@ def _poison_rate(rec: Any, by_key: dict[str, Any]) -> float | None:
     return rate
 
 
+def _needs_oracle(purify: Any) -> bool:
+    """Whether the defense of a purify record needs the real trigger (``needs: oracle_trigger``)."""
+    ref = (_get(purify, "config") or {}).get("defense") or {}
+    try:
+        from ..registry import create
+
+        return "oracle_trigger" in create("defense", ref["name"], **(ref.get("config") or {})).needs
+    except Exception:
+        return False
+
+
+def _as_dict(rec: Any) -> dict[str, Any] | None:
+    if rec is None or isinstance(rec, dict):
+        return rec
+    return {k: getattr(rec, k, None) for k in ("config", "versions", "attrs", "kind")}
+
+
 def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[dict[str, Any]]:
     """Fold evaluate records into cells, one per (data set, model, poison rate, attack, defense):
     metrics averaged over seeds, the statuses of unfinished evaluations, and the defense's cost
-    (mean wall seconds and devices of the cell's purify jobs).
+    (mean wall seconds and devices of the cell's purify jobs), whether its defense is an oracle,
+    and what it ran with (``setup``, from its train and purify records, and per metric the
+    evaluator that produced it, ``evaluator_of``; see :mod:`.setups`).
 
     ``sources`` (the name of each record's source, e.g. its records file, in the order of
     ``records``): cells of different sources stay apart, and each cell then has its ``source``."""
@@ -123,9 +147,13 @@ def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[di
         if kind != "evaluate":
             continue
         key = (source, a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"])
+        deps = _get(rec, "deps") or []
+        train, purify = (by_key.get(deps[i]) if len(deps) > i else None for i in (0, 1))
         cell = cells.setdefault(key, {"dataset": key[1], "model": key[2], "poison_rate": key[3],
                                       "attack": key[4], "defense": key[5], "metrics": {}, "seeds": set(),
-                                      "status": {}, **({"source": key[0]} if key[0] is not None else {})})
+                                      "status": {}, "oracle": purify is not None and _needs_oracle(purify),
+                                      "setup": cell_setup(_as_dict(train), _as_dict(purify)), "evaluator_of": {},
+                                      **({"source": key[0]} if key[0] is not None else {})})
         status = _get(rec, "status")
         label = a.get("evaluator", "?")
         plugin = ((_get(rec, "config") or {}).get("evaluator") or {}).get("name", label)
@@ -133,7 +161,9 @@ def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[di
             cell["seeds"].add(a["seed"])
             for m, v in (_get(rec, "metrics") or {}).items():
                 if isinstance(v, (int, float)):  # curves stay in the store
-                    values[key][m if label == plugin else f"{m}@{label}"].append(float(v))
+                    name = m if label == plugin else f"{m}@{label}"
+                    values[key][name].append(float(v))
+                    cell["evaluator_of"][name] = evaluator_setup(_as_dict(rec))
         else:
             reason = (_get(rec, "error") or "").strip().splitlines()[-1:] or [""]
             cell["status"][label] = {"status": status, "reason": reason}
@@ -148,32 +178,54 @@ def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[di
     return out
 
 
-def load_reported(path: str | Path | None = REPORTED_FILE) -> list[dict[str, Any]]:
+def load_reported(path: str | Path | None = REPORTED_FILE, setups: str | Path | None = SETUPS_FILE
+                  ) -> list[dict[str, Any]]:
     """The published numbers: a YAML list of ``{dataset, model, poison_rate, attack, defense,
-    metric, value, source}``. No file, no numbers."""
+    metric, value, source, setup}``, with each ``setup`` name resolved to its mapping in
+    ``setups`` (a name it lacks stays a name, and matches no cell). No file, no numbers."""
     if path is None or not Path(path).exists():
         return []
-    return list(yaml.safe_load(Path(path).read_text()) or [])
+    known = load_setups(setups)
+    out = []
+    for entry in yaml.safe_load(Path(path).read_text()) or []:
+        if isinstance(entry.get("setup"), str) and entry["setup"] in known:
+            entry = {**entry, "setup_name": entry["setup"], "setup": known[entry["setup"]]}
+        out.append(entry)
+    return out
 
 
-def _reported_index(reported: Iterable[dict]) -> dict[tuple, tuple[float, str]]:
-    """(dataset, model, rate, attack, defense, metric) -> (value, source). An entry for a data set's
-    samples-per-class setting (``reserve: spc10``) belongs to the data set labelled ``cifar10-spc10``;
-    entries for a non-default attack or defense config are left out (no cell is tied to them). Where
-    papers disagree on a cell, the first value shows and the source names every one."""
-    index: dict[tuple, tuple[float, str]] = {}
+def _reported_index(reported: Iterable[dict]) -> dict[tuple, list[dict]]:
+    """(dataset, model, rate, attack, defense, metric) -> the reported entries of that cell, in file
+    order. An entry for a data set's samples-per-class setting (``reserve: spc10``) belongs to the
+    data set labelled ``cifar10-spc10``."""
+    index: dict[tuple, list[dict]] = defaultdict(list)
     for r in reported:
-        if r.get("defense_config") or r.get("attack_config"):
-            continue
         dataset = f"{r['dataset']}-{r['reserve']}" if r.get("reserve") else r["dataset"]
-        key = (dataset, r["model"], float(r["poison_rate"]), r["attack"], r["defense"], r["metric"])
-        value, source = float(r["value"]), r.get("source", "")
-        if key in index and index[key][0] != value:
-            first, sources = index[key]
-            index[key] = (first, f"{sources}; also {100 * value:.2f} in {source}")
-        else:
-            index.setdefault(key, (value, source))
+        index[(dataset, r["model"], float(r["poison_rate"]), r["attack"], r["defense"], r["metric"])].append(r)
     return index
+
+
+def _match(entries: list[dict], cell: dict | None, metric: str) -> tuple[tuple[float, str] | None, list[str]]:
+    """The reported (value, source) of the first entry whose setup the cell is, else the differences
+    from the setup of the cell's plain entry (one without its own attack/defense config)."""
+    if not entries or cell is None:
+        return None, []
+    found, why = [], None
+    for r in entries:
+        setup = r.get("setup") if isinstance(r.get("setup"), dict) else None
+        diff = differences(setup, cell.get("setup"), cell.get("evaluator_of", {}).get(metric), r)
+        if not diff:
+            found.append(r)
+        elif why is None and not (r.get("attack_config") or r.get("defense_config")):
+            why = diff
+    if not found:
+        return None, why or []
+    values = list(dict.fromkeys(float(r["value"]) for r in found))
+    source = found[0].get("source", "")
+    for r in found[1:]:  # where papers disagree on a cell, the first value shows, the source names every one
+        if float(r["value"]) != values[0]:
+            source += f"; also {100 * float(r['value']):.2f} in {r.get('source', '')}"
+    return (values[0], source), []
 
 
 def _order(defenses: list[str]) -> list[str]:
@@ -196,8 +248,9 @@ def _entry(cell: dict | None, metric: str, reported: tuple[float, str] | None) -
 
 
 def _mark_best(rows: list[dict], get) -> None:
-    """Mark the best value of one column among the non-reference rows (ties: all of them)."""
-    scored = [(row, get(row)) for row in rows if row["defense"] != REFERENCE_ROW]
+    """Mark the best value of one column among the contenders: not the reference row, not an
+    oracle row (ties: all of them)."""
+    scored = [(row, get(row)) for row in rows if row["defense"] != REFERENCE_ROW and not row["oracle"]]
     scored = [(row, e) for row, e in scored if e is not None and e["value"] is not None]
     if len(scored) < 2:
         return
@@ -215,8 +268,8 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
     Each board: ``dataset, model, poison_rate, seeds, attacks, columns`` (metric keys shown),
     ``rows`` (per defense: ``cells[attack][metric]`` and ``avg[metric]`` entries of
     ``{value, status, reported, source, best}``, ``cost_s`` (mean over attacks), ``cell_cost_s[attack]``,
-    ``device``) and ``notes``
-    (why a cell has no number)."""
+    ``device``, ``oracle``) and ``notes``
+    (why a cell has no number, and which fields keep a paper's number from a cell)."""
     cells = collect(records, sources)
     index_reported = _reported_index(reported)
     groups: dict[tuple, list[dict]] = {}
@@ -232,14 +285,22 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
                                                                       if p.startswith(col.metric + "@"))
                  if k in present] or [c.metric for c in COLUMNS[:4]]
         rows, notes = [], []
+        unmatched: dict[tuple[str, ...], list[str]] = {}
         for d in defenses:
             row: dict[str, Any] = {"defense": d, "cells": {}, "avg": {}, "cost_s": None, "device": [],
-                                   "cell_cost_s": {}}
+                                   "cell_cost_s": {}, "oracle": any(index[(d, a)]["oracle"] for a in attacks
+                                                                    if (d, a) in index)}
             for atk in attacks:
                 cell = index.get((d, atk))
                 row["cells"][atk] = {}
                 for m in shown:
-                    rep = index_reported.get((dataset, model, float(rate) if rate is not None else None, atk, d, m))
+                    entries = index_reported.get((dataset, model, float(rate) if rate is not None else None,
+                                                  atk, d, m.partition("@")[0]), [])
+                    rep, why = _match(entries, cell, m)
+                    if why:
+                        unmatched.setdefault(tuple(why), [])
+                        if f"{atk}/{d}" not in unmatched[tuple(why)]:
+                            unmatched[tuple(why)].append(f"{atk}/{d}")
                     row["cells"][atk][m] = {"metric": m, **_entry(cell, m, rep)}
                 if cell is not None:
                     if cell["cost"]["wall_s"] is not None:
@@ -261,6 +322,8 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
                 _mark_best(rows, lambda r, atk=atk, m=m: r["cells"][atk][m])
             if len(attacks) > 1:
                 _mark_best(rows, lambda r, m=m: r["avg"][m])
+        for why, where in unmatched.items():
+            notes.append(f"paper numbers not shown for {', '.join(where)}: different setup: {'; '.join(why)}")
         seeds = sorted({s for c in group for s in c["seeds"]})
         out.append({"dataset": dataset, "model": model, "poison_rate": rate, "seeds": seeds, "attacks": attacks,
                     "columns": shown, "rows": rows, "notes": notes, **({"source": source} if source else {})})
@@ -294,6 +357,11 @@ def fmt_entry(entry: dict, fmt: str = "text") -> str:
     return text
 
 
+def row_name(row: dict) -> str:
+    """A row's defense, marked when it is an oracle (it uses the real trigger: never "best")."""
+    return f"{row['defense']} (oracle)" if row.get("oracle") else row["defense"]
+
+
 def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     """One row per (attack, defense) cell, the metrics as columns (no averages): the board
     for few defenses and many attacks, e.g. an attack table with only ``none``."""
@@ -302,7 +370,7 @@ def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str
     for atk in board["attacks"]:
         for row in board["rows"]:
             cost = row["cell_cost_s"].get(atk)
-            rows.append([atk, row["defense"]] + [fmt_entry(row["cells"][atk][m], fmt) for m in board["columns"]]
+            rows.append([atk, row_name(row)] + [fmt_entry(row["cells"][atk][m], fmt) for m in board["columns"]]
                         + [f"{cost:.1f}" if cost is not None else "—", ", ".join(row["device"]) or "—"])
     return headers, rows
 
@@ -314,7 +382,7 @@ def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     headers += ["cost (s)", "device"]
     rows = []
     for row in board["rows"]:
-        line = [row["defense"]]
+        line = [row_name(row)]
         for g in groups:
             source = row["avg"] if g == "avg" else row["cells"][g]
             line += [fmt_entry(source[m], fmt) for m in board["columns"]]
@@ -323,8 +391,10 @@ def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-LEGEND = ("best value of a column among the defenses marked {best}; a number in parentheses is the one the "
-          "defense's paper reports for the cell (sources: leaderboard/reported.yaml); cost = mean wall seconds "
+LEGEND = ("best value of a column among the defenses marked {best} (the undefended row and oracle rows, which "
+          "use the real trigger, are never marked); a number in parentheses is the one a paper reports for the "
+          "cell, shown only where the cell ran that paper's setup (sources: leaderboard/reported.yaml, setups: "
+          "leaderboard/setups.yaml; the notes under a board name the fields that differ); cost = mean wall seconds "
           "of the defense's purify jobs")
 
 

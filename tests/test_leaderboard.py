@@ -90,15 +90,112 @@ def test_cost_is_the_mean_wall_time_of_the_defense_purify_jobs_with_its_device()
     assert row(render(recs, "markdown", reported=[]), "ep")[-2:] == ["20.0", "NVIDIA H100"]
 
 
-def test_reported_numbers_sit_beside_the_measured_ones():
-    reported = [{"dataset": "d", "model": "m", "poison_rate": 0.1, "attack": "a", "defense": "ep", "metric": "asr",
-                 "value": 0.0142, "source": "paper 000, Table 1"},
-                {"dataset": "d", "model": "m", "poison_rate": 0.05, "attack": "a", "defense": "ep", "metric": "asr",
-                 "value": 0.5, "source": "another rate: not this cell"}]
-    recs = [ev("ep", "a", 0, {"asr": 0.02})]
+SETUP = {"data": {"train_per_class": None}, "recipe": {"epochs": 100, "lr": 0.1},
+         "attacks": {"a": {"alpha": 0.1}}, "defenses": {"ft": {"rho": {"by_attack": {"a": 0.9}, "else": 0.5}}},
+         "evaluators": {"retune": {"poison_count": 5}}}
+
+
+def cell_records(defense="ft", attack="a", epochs=100, attack_config=None, defense_config=None, metrics=None,
+                 evaluator="asr", evaluator_config=None, model_versions=None):
+    """A train, a purify and an evaluate record of one cell, linked by their keys."""
+    t, p = f"t-{attack}-{epochs}", f"p-{attack}-{defense}-{epochs}"
+    train = {"kind": "train", "key": t, "status": "done", "versions": model_versions or {},
+             "attrs": {"dataset": "d", "model": "m", "attack": attack, "seed": 0, "poison_rate": 0.1},
+             "config": {"data": {"name": "d", "train_per_class": None}, "model": {"name": "m"},
+                        "recipe": {"epochs": epochs, "lr": 0.1},
+                        "attack": {"name": attack, "config": {"alpha": 0.1} if attack_config is None else attack_config}}}
+    purify = {"kind": "purify", "key": p, "deps": [t], "status": "done", "wall_s": 1.0, "device": "cpu",
+              "attrs": {"dataset": "d", "model": "m", "attack": attack, "defense": defense, "seed": 0},
+              "config": {"defense": {"name": defense, "config": defense_config or {}}, "reserve": {}}}
+    e = ev(defense, attack, 0, metrics or {"asr": 0.02}, evaluator=evaluator)
+    e["deps"], e["key"] = [t, p], f"e-{p}-{evaluator}"
+    e["config"]["evaluator"]["config"] = evaluator_config or {}
+    return [train, purify, e]
+
+
+def reported_entry(metric="asr", defense="ft", value=0.0142, **extra):
+    return {"dataset": "d", "model": "m", "poison_rate": 0.1, "attack": "a", "defense": defense, "metric": metric,
+            "value": value, "source": "paper 000, Table 1", "setup": SETUP, **extra}
+
+
+def test_reported_numbers_sit_beside_the_measured_ones_of_the_same_setup():
+    reported = [reported_entry(), {**reported_entry(value=0.5), "poison_rate": 0.05}]
+    recs = cell_records(defense_config={"rho": 0.9})
     (cell,) = [r["cells"]["a"]["asr"] for r in boards(recs, reported)[0]["rows"]]
     assert cell["reported"] == pytest.approx(0.0142) and cell["source"] == "paper 000, Table 1"
-    assert row(render(recs, "markdown", reported=reported), "ep")[0] == "2.00 (1.42)"
+    assert row(render(recs, "markdown", reported=reported), "ft")[0] == "2.00 (1.42)"
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"epochs": 20}, "recipe.epochs 20 (the paper's 100)"),
+    ({"attack_config": {"alpha": 0.2}}, "a.alpha 0.2 (the paper's 0.1)"),
+    ({"defense_config": {"rho": 0.5}}, "ft.rho 0.5 (the paper's 0.9)"),  # by_attack: 0.9 for attack a
+    ({"defense_config": {"rho": 0.9}, "evaluator": "retune", "metrics": {"retune_asr": 0.3},
+      "evaluator_config": {"poison_count": 1}}, "retune.poison_count 1 (the paper's 5)"),
+])
+def test_a_different_setup_shows_no_paper_number_and_says_why(change, why):
+    metric = next(iter(change.get("metrics", {"asr": 0})))
+    reported = [reported_entry(metric)]
+    recs = cell_records(**{"defense_config": {"rho": 0.9}, **change})
+    (board,) = boards(recs, reported)
+    assert board["rows"][0]["cells"]["a"][metric]["reported"] is None
+    assert any(n.startswith("paper numbers not shown for a/ft: different setup: ") and why in n
+               for n in board["notes"]), board["notes"]
+    assert "(1.42)" not in render(recs, "markdown", reported=reported)
+
+
+def test_an_entry_without_a_setup_or_a_cell_without_records_shows_nothing():
+    bare = {k: v for k, v in reported_entry().items() if k != "setup"}
+    recs = cell_records(defense_config={"rho": 0.9})
+    assert boards(recs, [bare])[0]["rows"][0]["cells"]["a"]["asr"]["reported"] is None
+    lone = [ev("ft", "a", 0, {"asr": 0.02})]  # no train/purify record: the setup is unknown
+    (board,) = boards(lone, [reported_entry()])
+    assert board["rows"][0]["cells"]["a"]["asr"]["reported"] is None and "setup is unknown" in board["notes"][0]
+
+
+def test_entry_level_configs_pick_among_a_papers_variants():
+    """Paper 000's Table 10 reports PAM at several rho: each number stands beside the run with that rho."""
+    reported = [reported_entry(value=0.01), reported_entry(value=0.03, defense_config={"rho": 0.3})]
+    at_03 = boards(cell_records(defense_config={"rho": 0.3}), reported)[0]["rows"][0]["cells"]["a"]["asr"]
+    at_09 = boards(cell_records(defense_config={"rho": 0.9}), reported)[0]["rows"][0]["cells"]["a"]["asr"]
+    assert (at_03["reported"], at_09["reported"]) == (pytest.approx(0.03), pytest.approx(0.01))
+
+
+def test_substitute_attacks_and_stale_models_never_match(monkeypatch):
+    from backdoor_harness.leaderboard import setups
+
+    recs = cell_records(defense_config={"rho": 0.9})
+    monkeypatch.setattr(setups, "_substitute", lambda attack: "own encoder, not the paper's")
+    (board,) = boards(recs, [reported_entry()])
+    assert board["rows"][0]["cells"]["a"]["asr"]["reported"] is None
+    assert "attack a is a substitute (own encoder, not the paper's)" in board["notes"][0]
+    monkeypatch.setattr(setups, "_substitute", lambda attack: None)
+    monkeypatch.setattr(setups, "_model_version", lambda name: "2")
+    (board,) = boards(recs, [reported_entry()])
+    assert "model m is architecture revision 1, the installed one is 2" in board["notes"][0]
+    (board,) = boards(cell_records(defense_config={"rho": 0.9}, model_versions={"model": "2"}), [reported_entry()])
+    assert board["rows"][0]["cells"]["a"]["asr"]["reported"] == pytest.approx(0.0142)
+
+
+def test_oracle_rows_are_shown_marked_and_never_best():
+    recs = (cell_records("ep", metrics={"asr": 0.001}) + cell_records("ft", defense_config={"rho": 0.9},
+                                                                      metrics={"asr": 0.05})
+            + cell_records("fst", metrics={"asr": 0.10}))
+    rows = {r["defense"]: r for r in boards(recs, [])[0]["rows"]}
+    assert rows["ep"]["oracle"] and not rows["ft"]["oracle"]
+    assert not rows["ep"]["cells"]["a"]["asr"]["best"] and rows["ft"]["cells"]["a"]["asr"]["best"]
+    md = render(recs, "markdown", reported=[])
+    assert row(md, "ep (oracle)")[0] == "0.10" and row(md, "ft")[0] == "**5.00**"
+
+
+def test_the_shipped_numbers_all_name_a_shipped_setup():
+    from backdoor_harness.leaderboard.setups import SECTIONS, load_setups
+
+    known = load_setups()
+    for name, setup in known.items():
+        assert set(setup) <= {*SECTIONS, "paper", "unsupported"}, name
+    for entry in load_reported():
+        assert entry.get("setup_name") in known, entry
 
 
 def test_labelled_evaluators_stay_apart_and_t_is_shown_plainly():

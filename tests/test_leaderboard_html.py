@@ -53,11 +53,22 @@ def records() -> list[dict]:
              lmc("pam", "badnets", [0.97, 0.4, 0.05, 0.03, 0.03])]
     recs += [ev(d, "badnets", 0, {"clean_acc": c, "asr": a}, rate=0.05)
              for d, c, a in [("none", 0.94, 0.91), ("ep", 0.91, 0.03)]]
+    # ep / badnets at 10% has its train and purify records: its setup is known (REPORTED's)
+    recs.append({"kind": "train", "key": "t-badnets", "status": "done", "attrs": {},
+                 "config": {"data": {"name": "d"}, "model": {"name": "m"}, "recipe": {"epochs": 100},
+                            "attack": {"name": "badnets", "config": {}}}})
+    ep_purify = next(r for r in recs if r["kind"] == "purify" and r["attrs"]["defense"] == "ep"
+                     and r["attrs"]["attack"] == "badnets")
+    ep_purify.update(key="p-ep-badnets", config={"defense": {"name": "ep", "config": {}}, "reserve": {}})
+    for r in recs:
+        if r["kind"] == "evaluate" and (r["attrs"]["defense"], r["attrs"]["attack"], r["attrs"]["poison_rate"]) == (
+                "ep", "badnets", 0.1):
+            r["deps"] = ["t-badnets", "p-ep-badnets"]
     return recs
 
 
 REPORTED = [{"dataset": "d", "model": "m", "poison_rate": 0.1, "attack": "badnets", "defense": "ep", "metric": "asr",
-             "value": 0.0142, "source": "paper 000, Table 1"}]
+             "value": 0.0142, "source": "paper 000, Table 1", "setup": {"recipe": {"epochs": 100}}}]
 
 
 class Tables(HTMLParser):
@@ -109,7 +120,7 @@ def test_one_table_per_board_under_its_title_and_the_legend_in_the_footer():
     assert "<footer>" in html and "reported.yaml" in html and "Generated 2025-01-02 03:04 UTC." in html
     assert "Generated" not in page(data, records())  # no clock read inside
     first = Tables(html).tables[0]
-    assert [r[0] for r in first] == ["none", "ep", "ft", "pam", "anp"]
+    assert [r[0] for r in first] == ["none", "ep (oracle)", "ft", "pam", "anp"]  # ep uses the real trigger
     # ep / badnets: C-Acc, ASR with the reported number beside it, P-ASR; ...; cost and device last
     assert first[1][1:4] == ["90.50", "2.00(1.42)", "85.00"] and first[1][-2:] == ["125.0", "cpu"]
     assert 'title="reported: paper 000, Table 1"' in html

@@ -1,0 +1,191 @@
+"""Which published setup a measured cell reproduces.
+
+A number in ``reported.yaml`` names the setup it comes from (``setup: NAME``, a
+mapping of ``setups.yaml``, or the mapping itself). A setup pins what the
+paper states: the training data, the defender's reserve, the model, the
+training recipe, each attack's trigger config, each defense's and each
+evaluator's key settings. A measured cell shows the reported number only when
+the configs recorded in its train, purify and evaluate records agree with every
+pinned field (plugin defaults filled in, so a matrix that leaves a paper default
+implicit still matches). Otherwise :func:`differences` names each field that
+differs, and the leaderboard lists them under the board.
+
+Besides the pinned fields, a cell never matches when its attack plugin
+declares ``substitute`` (it generates its own resources instead of the
+paper's), when the model's architecture revision in its records is not the
+installed one, or when the setup is ``unsupported`` by the harness (the reason
+is the note).
+
+A pinned value can differ per attack: ``{by_attack: {badnets: 0.9}, else: 0.5}``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: the setups shipped with the leaderboard
+SETUPS_FILE = Path(__file__).with_name("setups.yaml")
+#: the sections of a setup and where a cell's value comes from
+SECTIONS = ("data", "reserve", "model", "recipe", "attacks", "defenses", "evaluators")
+
+
+def load_setups(path: str | Path | None = SETUPS_FILE) -> dict[str, dict]:
+    if path is None or not Path(path).exists():
+        return {}
+    return dict(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def _effective(kind: str, ref: dict | None) -> dict[str, Any] | None:
+    """A plugin reference's config with the installed plugin's defaults filled in (the raw
+    config when the plugin is not installed or the config no longer validates)."""
+    if not ref:
+        return None
+    cfg = dict(ref.get("config") or {})
+    try:
+        from ..registry import get_class
+
+        return {**get_class(kind, ref["name"]).Config(**cfg).model_dump(mode="json"), **cfg}
+    except Exception:
+        return cfg
+
+
+def _recipe(payload: dict | None) -> dict[str, Any]:
+    if payload is None:
+        return {}
+    try:
+        from ..train import Recipe
+
+        return {**Recipe(**payload).model_dump(mode="json"), **payload}
+    except Exception:
+        return dict(payload)
+
+
+def cell_setup(train: dict | None, purify: dict | None) -> dict[str, Any] | None:
+    """What a cell ran with, from its train and purify records' configs (None without both)."""
+    if train is None or purify is None:
+        return None
+    tc, pc = train.get("config") or {}, purify.get("config") or {}
+    attack, defense = tc.get("attack") or {}, pc.get("defense") or {}
+    return {
+        "data": tc.get("data") or {},
+        "reserve": pc.get("reserve") or {},
+        "model": tc.get("model") or {},
+        "model_version": (train.get("versions") or {}).get("model"),
+        "recipe": _recipe(tc.get("recipe")),
+        "attack": attack.get("name"),
+        "attack_config": _effective("attack", attack) or {},
+        "defense": defense.get("name"),
+        "defense_config": _effective("defense", defense) or {},
+    }
+
+
+def evaluator_setup(evaluate: dict) -> tuple[str | None, dict[str, Any]]:
+    """(evaluator plugin name, its effective config) of an evaluate record."""
+    ref = (evaluate.get("config") or {}).get("evaluator") or {}
+    return ref.get("name"), _effective("evaluator", ref) or {}
+
+
+def _same(measured: Any, wanted: Any) -> bool:
+    if isinstance(wanted, bool) or isinstance(measured, bool):
+        return measured is wanted or measured == wanted
+    if isinstance(wanted, (int, float)) and isinstance(measured, (int, float)):
+        return math.isclose(float(measured), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(wanted, dict) and isinstance(measured, dict):
+        return all(_same(measured.get(k), v) for k, v in wanted.items())
+    if isinstance(wanted, (list, tuple)) and isinstance(measured, (list, tuple)):
+        return len(wanted) == len(measured) and all(_same(m, w) for m, w in zip(measured, wanted))
+    return measured == wanted
+
+
+def _pinned(value: Any, attack: str | None) -> Any:
+    if isinstance(value, dict) and "by_attack" in value:
+        return value["by_attack"].get(attack, value.get("else"))
+    return value
+
+
+def _compare(where: str, measured: dict, wanted: dict, attack: str | None) -> list[str]:
+    out = []
+    for field, value in (wanted or {}).items():
+        value = _pinned(value, attack)
+        if field not in measured:
+            out.append(f"{where}.{field}: not recorded (the paper's {value!r})")
+        elif not _same(measured[field], value):
+            out.append(f"{where}.{field} {measured[field]!r} (the paper's {value!r})")
+    return out
+
+
+def differences(setup: dict | None, cell: dict | None, evaluator: tuple[str | None, dict] | None = None,
+                entry: dict | None = None) -> list[str]:
+    """Why a cell is not the setup of a reported number: one phrase per differing field, empty
+    when it is. ``cell`` comes from :func:`cell_setup`, ``evaluator`` from :func:`evaluator_setup`
+    (the evaluator that produced the metric), ``entry`` is the reported number (its own
+    ``attack_config`` / ``defense_config`` pin fields too)."""
+    if setup is None:
+        return ["the reported number names no setup"]
+    if setup.get("unsupported"):
+        return [f"the paper's setup is not one the harness runs: {setup['unsupported']}"]
+    if cell is None:
+        return ["the cell's train or purify record is missing, so its setup is unknown"]
+    attack, out = cell["attack"], []
+    out += _compare("data", cell["data"], setup.get("data"), attack)
+    reserve, why = _reserve_pins(setup.get("reserve"), (entry or {}).get("reserve"))
+    if why:
+        return [why]
+    out += _compare("reserve", cell["reserve"], reserve, attack)
+    out += _compare("model", cell["model"], setup.get("model"), attack)
+    out += _compare("recipe", cell["recipe"], setup.get("recipe"), attack)
+    installed = _model_version(cell["model"].get("name"))
+    if installed is not None and cell["model_version"] != installed:
+        out.append(f"model {cell['model'].get('name')} is architecture revision {cell['model_version'] or 1}, "
+                   f"the installed one is {installed}")
+    substitute = _substitute(attack)
+    if substitute:
+        out.append(f"attack {attack} is a substitute ({substitute})")
+    # an entry's own attack/defense config (a paper's ablation) overrides the setup's pins
+    pins = {**((setup.get("attacks") or {}).get(attack) or {}), **((entry or {}).get("attack_config") or {})}
+    out += _compare(f"{attack}", cell["attack_config"], pins, attack)
+    defense = cell["defense"]
+    pins = {**((setup.get("defenses") or {}).get(defense) or {}), **((entry or {}).get("defense_config") or {})}
+    out += _compare(f"{defense}", cell["defense_config"], pins, attack)
+    if evaluator is not None and evaluator[0] is not None:
+        name, config = evaluator
+        out += _compare(name, config, (setup.get("evaluators") or {}).get(name), attack)
+    return out
+
+
+def _reserve_pins(pins: dict | None, tag: str | None) -> tuple[dict | None, str | None]:
+    """The reserve a number needs: the setup's, or an entry's own ``reserve`` tag (``spc10``:
+    10 samples per class; ``ratio0.01``: 1% of the training set)."""
+    if not tag:
+        return pins, None
+    tag = str(tag)
+    if tag.startswith("spc") and tag[3:].isdigit():
+        return {"reserve_per_class": int(tag[3:])}, None
+    if tag.startswith("ratio"):
+        try:
+            return {"reserve_ratio": float(tag[5:]), "reserve_per_class": None}, None
+        except ValueError:
+            pass
+    return None, f"the paper's reserve {tag!r} is not one the harness builds"
+
+
+def _substitute(attack: str | None) -> str | None:
+    try:
+        from ..registry import get_class
+
+        return getattr(get_class("attack", attack), "substitute", None)
+    except Exception:
+        return None
+
+
+def _model_version(name: str | None) -> str | None:
+    try:
+        from .. import models
+
+        return getattr(models, "model_version")(name) if name else None
+    except Exception:
+        return None
