@@ -10,8 +10,12 @@ import torch.nn.functional as F
 
 from backdoor_harness.layers import norm_layers
 from backdoor_harness.models import create_model, model_family
-from backdoor_harness.plugins.defenses.anp import ANP, PerturbedBatchNorm, optimize_masks, prune_neurons
-from backdoor_harness.train import random_crop_flip
+from backdoor_harness.errors import HarnessError
+from backdoor_harness.metrics import accuracy
+from backdoor_harness.plugins.defenses import anp as anp_module
+from backdoor_harness.plugins.defenses.anp import (ANP, NeuronMasks, PerturbedBatchNorm, choose_threshold,
+                                                   optimize_masks, prune_neurons)
+from backdoor_harness.train import predict, random_crop_flip
 
 import helpers
 from helpers import CPU, check_contract, context, noise_set
@@ -113,7 +117,7 @@ def test_pruning_zeroes_exactly_the_neurons_below_threshold():
 
 def test_purify_prunes_where_the_masks_end_low():
     model = tiny()
-    defense = ANP(ANP.Config(**QUICK, threshold=0.5))
+    defense = ANP(ANP.Config(**QUICK, thresholds=[0.5]))
     found = defense.optimize_masks(model, context(model, n=40))
     out = defense.purify(model, context(model, n=40))  # the same seed: the same masks
     pruned = 0
@@ -128,24 +132,190 @@ def test_purify_prunes_where_the_masks_end_low():
 
 def test_threshold_zero_prunes_nothing():
     model = tiny()
-    out = ANP(ANP.Config(**QUICK, threshold=0.0)).purify(model, context(model, n=40))
+    out = ANP(ANP.Config(**QUICK, thresholds=[0.0])).purify(model, context(model, n=40))
     assert all(torch.equal(v, out.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_contract_on_the_tiny_model():
     model = tiny()
-    defense = ANP(ANP.Config(**QUICK))
-    check_contract(model, defense, lambda seed: defense.purify(model, context(model, n=40, seed=seed)),
-                   seeds_differ=True)
-    for bad in (dict(alpha=1.5), dict(eps=-0.1), dict(threshold=1.1), dict(momentum=1.0), dict(iterations=0)):
+    for cfg in (ANP.Config(**QUICK), ANP.Config(**QUICK, thresholds=[0.2])):  # with and without the selection
+        defense = ANP(cfg)
+        check_contract(model, defense, lambda seed: defense.purify(model, context(model, n=40, seed=seed)),
+                       seeds_differ=True)
+    for bad in (dict(alpha=1.5), dict(eps=-0.1), dict(thresholds=[0.5, 1.1]), dict(thresholds=[]),
+                dict(thresholds=[-0.1]), dict(acc_ratio=0.0), dict(val_ratio=1.0), dict(momentum=1.0),
+                dict(iterations=0)):
         with pytest.raises(ValueError):
             ANP.Config(**bad)
+
+
+def test_the_old_threshold_key_says_how_to_get_the_old_behaviour():
+    with pytest.raises(ValueError, match=r"thresholds: \[0.3\]"):
+        ANP.Config(threshold=0.3)
 
 
 def test_defaults_follow_the_paper():
     cfg = ANP.Config()
     assert (cfg.eps, cfg.alpha, cfg.anp_steps, cfg.lr, cfg.momentum) == (0.4, 0.2, 1, 0.2, 0.9)
-    assert (cfg.iterations, cfg.batch_size, cfg.threshold) == (2000, 128, 0.2)
+    assert (cfg.iterations, cfg.batch_size) == (2000, 128)
+    # paper 000's range 0.4-0.9 at BackdoorBench's step 0.05; BackdoorBench's acc_ratio; paper 003's val share
+    assert cfg.thresholds == (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+    assert (cfg.acc_ratio, cfg.val_ratio) == (0.1, 0.1)
+    assert ANP.Config(thresholds=[0.9, 0.5, 0.5, 0.7]).thresholds == (0.5, 0.7, 0.9)  # sorted, no repeats
+
+
+def test_choose_threshold_takes_the_largest_admissible_one():
+    # acc0 0.8, acc_ratio 0.1: admissible when the drop is below 0.08 (or there is none)
+    cands = [(0.4, 0.79), (0.5, 0.75), (0.6, 0.70), (0.7, 0.73), (0.8, 0.60)]
+    assert choose_threshold(0.8, cands, 0.1) == 0.7  # 0.6 fails, 0.7 passes again: every candidate is tried
+    assert choose_threshold(0.8, cands, 0.07) == 0.5
+    assert choose_threshold(0.8, cands, 0.3) == 0.8
+    assert choose_threshold(1.0, [(0.4, 0.75), (0.5, 0.5)], 0.25) is None  # a drop of exactly 25%: not below it
+    assert choose_threshold(0.5, [(0.4, 0.9), (0.9, 0.1)], 0.1) == 0.4  # an increase never disqualifies
+    assert choose_threshold(0.0, [(0.4, 0.0)], 0.1) == 0.4  # nor does no change at zero accuracy
+
+
+#: constructed masks: every layer cycles through these values, so each threshold of GRID prunes a known set
+MASK_VALUES = torch.tensor([0.35, 0.45, 0.55, 0.65, 0.75, 0.95])
+GRID = [0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def constructed_masks(model):
+    return {name: MASK_VALUES.repeat(bn.num_features // 6 + 1)[:bn.num_features] for name, bn in norm_layers(model)}
+
+
+def fake_scoring(monkeypatch, model, accs, acc0):
+    """ANP with the constructed masks, and a validation accuracy read off how many neurons a model has pruned:
+    ``acc0`` unpruned, ``accs[i]`` pruned at GRID[i]. Returns the list of the scored models' pruned counts."""
+    masks = constructed_masks(model)
+    monkeypatch.setattr(anp_module, "optimize_masks",
+                        lambda m, images, labels, cfg, device, gen: NeuronMasks(masks, {}, {}))
+    by_count = {0: acc0}
+    for t, acc in zip(GRID, accs):
+        by_count[sum(int((m < t).sum()) for m in masks.values())] = acc
+    assert len(by_count) == len(GRID) + 1
+    seen = []
+
+    def score(m, images, labels, device):
+        count = sum(int((bn.weight == 0).sum()) for _, bn in norm_layers(m))
+        seen.append(count)
+        return by_count[count]
+
+    monkeypatch.setattr(anp_module, "validation_accuracy", score)
+    return masks, seen
+
+
+def test_purify_prunes_at_the_largest_threshold_within_the_tolerance(monkeypatch):
+    model = tiny()
+    masks, seen = fake_scoring(monkeypatch, model, [0.89, 0.85, 0.70, 0.82, 0.50], acc0=0.9)
+    defense = ANP(ANP.Config(**QUICK, thresholds=GRID))  # acc_ratio 0.1: admissible while the drop is < 0.09
+    out = defense.purify(model, context(model, n=40))
+    expected = copy.deepcopy(model)
+    count = prune_neurons(expected, masks, 0.7)  # 0.6 fails (0.70), 0.7 passes (0.82), 0.8 fails (0.50)
+    assert helpers.same(out, expected)
+    rep = defense.last_report
+    assert rep["selected"] == 0.7 and rep["pruned"] == count and rep["neurons"] == 120
+    assert rep["val_acc_unpruned"] == 0.9
+    assert [c["val_acc"] for c in rep["candidates"]] == [0.89, 0.85, 0.70, 0.82, 0.50]
+    assert [c["admissible"] for c in rep["candidates"]] == [True, True, False, True, False]
+    assert [c["threshold"] for c in rep["candidates"]] == GRID
+    assert seen == [0] + [c["pruned"] for c in rep["candidates"]]  # the unpruned model, then each candidate
+    # a looser tolerance admits the most pruning, a tighter one less
+    for ratio, chosen in ((0.5, 0.8), (0.06, 0.5), (0.02, 0.4), (0.005, None)):
+        other = ANP(ANP.Config(**QUICK, thresholds=GRID, acc_ratio=ratio))
+        other.purify(model, context(model, n=40))
+        assert other.last_report["selected"] == chosen, ratio
+
+
+def test_purify_returns_the_unpruned_model_when_no_threshold_keeps_the_accuracy(monkeypatch):
+    model = tiny()
+    fake_scoring(monkeypatch, model, [0.5, 0.4, 0.3, 0.2, 0.1], acc0=0.9)
+    defense = ANP(ANP.Config(**QUICK, thresholds=GRID))
+    out = defense.purify(model, context(model, n=40))
+    assert helpers.same(out, model)
+    assert defense.last_report["selected"] is None and defense.last_report["pruned"] == 0
+    looser = ANP(ANP.Config(**QUICK, thresholds=GRID, acc_ratio=0.9))
+    looser.purify(model, context(model, n=40))
+    assert looser.last_report["selected"] == 0.8
+
+
+def test_masks_learn_on_the_training_part_and_only_the_validation_part_scores(monkeypatch):
+    model = tiny()
+    ctx = context(model, n=60)
+    train, val = context(model, n=60).split(0.1)  # the same seed: the split purify draws first
+    assert len(val) == 10 and len(train) == 50
+    learned, scored = [], []
+    real_optimize, real_score = anp_module.optimize_masks, anp_module.validation_accuracy
+
+    def optimize(m, images, labels, *a):
+        learned.append((images, labels))
+        return real_optimize(m, images, labels, *a)
+
+    def score(m, images, labels, device):
+        scored.append((images, labels))
+        return real_score(m, images, labels, device)
+
+    monkeypatch.setattr(anp_module, "optimize_masks", optimize)
+    monkeypatch.setattr(anp_module, "validation_accuracy", score)
+    defense = ANP(ANP.Config(**QUICK))
+    out = defense.purify(model, ctx)
+    assert len(learned) == 1 and torch.equal(learned[0][0], train.images) and torch.equal(learned[0][1], train.labels)
+    assert len(scored) == 1 + len(ANP.Config().thresholds)
+    assert all(torch.equal(x, val.images) and torch.equal(y, val.labels) for x, y in scored)
+    rep = defense.last_report
+    assert (rep["train_size"], rep["val_size"]) == (50, 10)
+
+    # the reported accuracies are the pruned models' on the validation part, and the output is pruned at the choice
+    ref = context(model, n=60)
+    ref.split(0.1)  # advance the generator past the split, as purify does
+    masks = real_optimize(model, train.images, train.labels, defense.config, CPU, ref.generator).masks
+    base = accuracy(predict(copy.deepcopy(model), val.images, CPU), val.labels)
+    assert rep["val_acc_unpruned"] == base
+    for c in rep["candidates"]:
+        pruned = copy.deepcopy(model)
+        assert prune_neurons(pruned, masks, c["threshold"]) == c["pruned"]
+        assert c["val_acc"] == accuracy(predict(pruned, val.images, CPU), val.labels)
+    expected = copy.deepcopy(model)
+    if rep["selected"] is not None:
+        prune_neurons(expected, masks, rep["selected"])
+    assert helpers.same(out, expected)
+    assert len({c["pruned"] for c in rep["candidates"]}) > 1  # the grid spans different prunings
+
+
+def test_a_single_threshold_is_the_old_fixed_threshold_rule():
+    model = tiny()
+    cfg = ANP.Config(**QUICK, thresholds=[0.2])
+    defense = ANP(cfg)
+    out = defense.purify(model, context(model, n=40, seed=3))
+    # version 1's purify: masks on the whole reserve (no split drawn), prune at 0.2
+    data = noise_set(40, 3)
+    masks = optimize_masks(model, data.images, data.labels, cfg, CPU, torch.Generator().manual_seed(3)).masks
+    expected = copy.deepcopy(model)
+    count = prune_neurons(expected, masks, 0.2)
+    assert count > 0 and helpers.same(out, expected)
+    rep = defense.last_report
+    assert rep["selected"] == 0.2 and rep["pruned"] == count and rep["val_acc_unpruned"] is None
+    assert (rep["train_size"], rep["val_size"]) == (40, 0)
+
+
+def test_val_ratio_zero_shares_the_reserve(monkeypatch):
+    model = tiny()
+    learned, scored = [], []
+    real_optimize, real_score = anp_module.optimize_masks, anp_module.validation_accuracy
+    monkeypatch.setattr(anp_module, "optimize_masks",
+                        lambda m, x, y, *a: learned.append(x) or real_optimize(m, x, y, *a))
+    monkeypatch.setattr(anp_module, "validation_accuracy",
+                        lambda m, x, y, d: scored.append(x) or real_score(m, x, y, d))
+    ctx = context(model, n=40)
+    ANP(ANP.Config(**QUICK, val_ratio=0.0)).purify(model, ctx)
+    assert all(x is ctx.reserve.images for x in learned + scored) and len(scored) == 12
+
+
+def test_the_selection_needs_a_validation_image_per_class():
+    model = tiny()
+    with pytest.raises(HarnessError, match="at least 2 images per class"):
+        ANP(ANP.Config(**QUICK)).purify(model, context(model, n=10))  # one image per class: nothing to hold out
+    ANP(ANP.Config(**QUICK, thresholds=[0.2])).purify(model, context(model, n=10))  # no selection: fine
 
 
 def test_needs_batchnorm():
