@@ -5,6 +5,12 @@ A data set *source* (a plugin, see ``harness_datasets``) turns files into two
 uint8 tensors as a safetensors file, and derives subsets and the defender's
 reserve from them with seeded generators.
 
+Augmentation is a property of the data set: each source declares the random
+crop and flip its training images get (:class:`Augmentation`; GTSRB is never
+mirrored, a mirrored traffic sign being another sign), the sets it loads carry
+it (``ImageSet.augmentation``, kept by subsets and so by the defender's
+reserve), and the trainer applies it unless the recipe overrides it.
+
 Where data is looked for (first hit wins): ``$HARNESS_DATA``; else
 ``../shared/datasets`` next to the working directory or next to this checkout
 (where development and CI keep it); else a torchvision download into the cache
@@ -33,6 +39,31 @@ from .errors import HarnessError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
+class Augmentation(BaseModel):
+    """The random augmentation a data set's training images get, batch by batch, in the trainer.
+
+    Attributes:
+        crop_padding: random crop back to the image size out of the image zero-padded by
+            this many pixels on every side (0: no crop).
+        hflip: mirror each image left-right with probability 1/2. Off for data whose
+            classes are not mirror-symmetric (traffic signs, digits, text).
+
+    The default, crop with 4-pixel padding plus flip, is BackdoorBench's CIFAR-10
+    train transform and what the trainer applied to every data set before data sets
+    declared their own.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crop_padding: int = Field(default=4, ge=0)
+    hflip: bool = True
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes any image (a crop or a flip)."""
+        return self.crop_padding > 0 or self.hflip
+
+
 @dataclass
 class ImageSet:
     """Images and labels of one split.
@@ -42,12 +73,16 @@ class ImageSet:
         labels: int64 ``[N]``.
         classes: class names, index = label.
         meta: extra per-sample tensors (e.g. ``true_labels`` of a poisoned test set).
+        augmentation: the training augmentation of the data set these images come from
+            (set by :func:`load_source` from the source's default, kept by :meth:`subset`);
+            ``None`` where unknown, which the trainer treats as :class:`Augmentation`'s default.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    augmentation: Augmentation | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -68,7 +103,7 @@ class ImageSet:
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
         meta = {k: v[index] for k, v in self.meta.items() if isinstance(v, torch.Tensor)}
-        return ImageSet(self.images[index], self.labels[index], self.classes, meta)
+        return ImageSet(self.images[index], self.labels[index], self.classes, meta, self.augmentation)
 
 
 # --------------------------------------------------------------------------
@@ -191,7 +226,14 @@ class SourceConfig(BaseModel):
 class DatasetSource:
     """A data-set source plugin: ``load(config) -> (train, test)``.
 
-    ``locate`` explains where it looked, for the error message when nothing is found.
+    Attributes:
+        augmentation: the default training augmentation of the data set (random
+            crop and horizontal flip, see :class:`Augmentation`). The sets it loads
+            carry it, and the trainer applies it to every model trained on them
+            (attacked, clean, and fine-tuned by a defense on the reserve); a
+            recipe's ``crop_padding`` / ``hflip`` override it. A source whose
+            config chooses the augmentation overrides :meth:`train_augmentation`.
+            Changing it changes training: bump ``version``.
     """
 
     kind: ClassVar[str] = "dataset"
@@ -200,9 +242,14 @@ class DatasetSource:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Config: ClassVar[type[SourceConfig]] = SourceConfig
+    augmentation: ClassVar[Augmentation] = Augmentation()
 
     def __init__(self, config: SourceConfig | None = None, **kwargs: Any):
         self.config = config if config is not None else self.Config(**kwargs)
+
+    def train_augmentation(self) -> Augmentation:
+        """The augmentation of this source's images with its config (default: ``augmentation``)."""
+        return self.augmentation
 
     def load(self) -> tuple[ImageSet, ImageSet]:
         raise NotImplementedError
@@ -289,13 +336,25 @@ def validation_split(labels: torch.Tensor, fraction: float, generator: torch.Gen
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
+#: config fields that choose a source's augmentation, not its pixels: not part of the decode cache key
+AUGMENTATION_FIELDS = frozenset(Augmentation.model_fields)
+
+
 def _cache_key(source: DatasetSource) -> str:
-    blob = json.dumps([source.name, source.version, source.config.model_dump(mode="json")], sort_keys=True)
+    config = source.config.model_dump(mode="json", exclude=set(AUGMENTATION_FIELDS))
+    blob = json.dumps([source.name, source.version, config], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def load_source(source: DatasetSource) -> tuple[ImageSet, ImageSet]:
-    """Decode a source once; later calls read the cached uint8 tensors."""
+    """Decode a source once; later calls read the cached uint8 tensors. Both sets carry
+    the source's augmentation (:meth:`DatasetSource.train_augmentation`)."""
+    train, test = _load_source(source)
+    train.augmentation = test.augmentation = source.train_augmentation()
+    return train, test
+
+
+def _load_source(source: DatasetSource) -> tuple[ImageSet, ImageSet]:
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / "datasets" / f"{source.name}-{_cache_key(source)}.safetensors"

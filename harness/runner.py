@@ -94,8 +94,12 @@ class Runner:
 
     def fit(self, job: Job, *args: Any, **kwargs: Any) -> dict[str, float]:
         """:func:`~backdoor_harness.train.fit` with this runner's progress meter (labelled with the job)
-        and compile setting."""
-        return fit(*args, **{"progress": self.progress, "desc": job.label, "compile": self.compile, **kwargs})
+        and compile setting, and the augmentation of the cell's data set, whatever set it trains on
+        (an attacker's poisoned set, a defense's or an evaluator's own mix)."""
+        data_job = job if "data" in job.payload else self._jobs[job.deps[0]]
+        augmentation = self.data(data_job.payload["data"])[0].augmentation
+        return fit(*args, **{"progress": self.progress, "desc": job.label, "compile": self.compile,
+                             "augmentation": augmentation, **kwargs})
 
     def new_model(self, train_job: Job) -> Normalized:
         train, _ = self.data(train_job.payload["data"])

@@ -1,8 +1,10 @@
 """The one trainer, shared by attacks, defenses and evaluators.
 
-Data stays uint8 on the device; each batch is augmented there (random crop
-with 4-pixel zero padding, horizontal flip), stamped with the trigger when the
-attack stamps after augmentation, then scaled to [0, 1]. bf16 autocast and
+Data stays uint8 on the device; each batch is augmented there with the data
+set's augmentation (random crop with zero padding, 4 pixels by default, and a
+horizontal flip where the data set allows it: never for GTSRB; a recipe may
+override either), stamped with the trigger when the attack stamps after
+augmentation, then scaled to [0, 1]. bf16 autocast and
 channels_last on CUDA. All randomness comes from one seeded CPU generator, so
 CPU runs are deterministic for a seed.
 """
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from .contracts import PoisonedSet, StepInfo
-from .data import ImageSet
+from .data import Augmentation, ImageSet
 from .errors import HarnessError
 
 
@@ -42,7 +44,17 @@ class Recipe(BaseModel):
         nesterov: Nesterov momentum.
         label_smoothing: cross-entropy label smoothing of the plain training
             step (not of an attack's or defense's own ``loss_fn``).
-        augment: random crop (4-pixel padding) + horizontal flip.
+        augment: augment the training images at all. With ``true`` each batch gets
+            the data set's augmentation (its ``augmentation``: random crop with
+            4-pixel padding + horizontal flip for CIFAR; crop only for GTSRB,
+            whose mirrored signs are other signs), with ``crop_padding`` and
+            ``hflip`` below overriding it; ``false``: none.
+        crop_padding: the random crop's zero padding in pixels (0: no crop);
+            ``None`` (default): the data set's.
+        hflip: random horizontal flips on (``true``) or off (``false``) whatever
+            the data set says; ``None`` (default): the data set's. E.g.
+            ``hflip: false`` trains CIFAR-10 without flips, ``hflip: true``
+            flips GTSRB.
         sam_rho: radius of sharpness-aware minimization (0: plain SGD). Each
             step then takes the gradient at w + e, e the ascent step of radius
             ``sam_rho`` (Foret et al., ICLR 2021). Paper 002's adaptive attack
@@ -64,12 +76,16 @@ class Recipe(BaseModel):
     nesterov: bool = False
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     augment: bool = True
+    crop_padding: int | None = Field(default=None, ge=0)
+    hflip: bool | None = None
     sam_rho: float = Field(default=0.0, ge=0)
     sam_adaptive: bool = True
 
     def payload(self) -> dict:
         """What enters a job key: fields added after CORE_VERSION 2 only when they differ
-        from their defaults (``warmup`` only with ``triangle``), so existing results keep their keys."""
+        from their defaults (``warmup`` only with ``triangle``; ``crop_padding`` and
+        ``hflip`` only when set), so existing results keep their keys. A data set's own
+        augmentation enters its jobs' keys through the data set plugin's ``version``."""
         out = self.model_dump()
         if not self.sam_rho:
             out.pop("sam_rho"), out.pop("sam_adaptive")
@@ -78,7 +94,22 @@ class Recipe(BaseModel):
         for name in ("nesterov", "label_smoothing"):
             if not out[name]:
                 out.pop(name)
+        for name in ("crop_padding", "hflip"):
+            if out[name] is None:
+                out.pop(name)
         return out
+
+    def augmentation_for(self, dataset: Augmentation | None) -> Augmentation | None:
+        """The augmentation this recipe applies to a data set whose own is ``dataset``
+        (``None``: unknown, i.e. :class:`Augmentation`'s default): that one with this
+        recipe's ``crop_padding`` / ``hflip`` over it; ``None`` when it does nothing
+        (``augment: false``, or neither crop nor flip)."""
+        if not self.augment:
+            return None
+        base = dataset if dataset is not None else Augmentation()
+        chosen = {k: v for k, v in (("crop_padding", self.crop_padding), ("hflip", self.hflip)) if v is not None}
+        out = base.model_copy(update=chosen) if chosen else base
+        return out if out.active else None
 
     def lr_factor(self, step: int, total: int) -> float:
         """The ``triangle`` schedule's multiplier of ``lr`` at optimizer step ``step`` of ``total``."""
@@ -127,32 +158,52 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def draw_crop_flip(n: int, generator: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, ...]:
-    """The random offsets and flips of ``n`` images (drawn on the CPU, in this order)."""
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
+def draw_crop_flip(n: int, generator: torch.Generator, pad: int = 4, hflip: bool = True
+                   ) -> tuple[torch.Tensor, ...]:
+    """The random offsets and flips of ``n`` images, drawn on the CPU in this order: ``dy``,
+    ``dx`` (uniform in ``[0, 2 pad]``; none drawn and all 0 when ``pad`` is 0), then the flips
+    (each with probability 1/2; none drawn and all ``False`` without ``hflip``)."""
+    if pad:
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    else:
+        dy = dx = torch.zeros(n, dtype=torch.int64)
+    flip = torch.rand(n, generator=generator) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
     return dy, dx, flip
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop of a zero-padded batch plus random horizontal flip, in one gather.
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4, hflip: bool = True
+                     ) -> torch.Tensor:
+    """Random crop of a zero-padded batch plus (``hflip``) random horizontal flip, in one gather.
 
     Args:
         x: uint8 ``[B, C, H, W]`` on any device.
         generator: CPU generator (the offsets are drawn on the CPU, then moved).
+        pad, hflip: the augmentation, e.g. a data set's ``augmentation.crop_padding``
+            and ``augmentation.hflip`` (see :func:`augment_batch`).
     """
-    dy, dx, flip = draw_crop_flip(len(x), generator, pad)
+    dy, dx, flip = draw_crop_flip(len(x), generator, pad, hflip)
     return crop_flip(x, dy.to(x.device), dx.to(x.device), flip.to(x.device), pad)
 
 
+def augment_batch(x: torch.Tensor, generator: torch.Generator, augmentation: Augmentation | None
+                  ) -> torch.Tensor:
+    """``x`` (uint8 ``[B, C, H, W]``) with ``augmentation`` applied (a data set's, e.g.
+    ``ctx.reserve.augmentation``; ``None``: :class:`Augmentation`'s default, crop 4 + flip)."""
+    aug = augmentation if augmentation is not None else Augmentation()
+    if not aug.active:
+        return x
+    return random_crop_flip(x, generator, aug.crop_padding, aug.hflip)
+
+
 def shuffled_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-                     device: torch.device | None = None, augment: bool = True, floats: bool = True
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     device: torch.device | None = None, augment: bool = True, floats: bool = True,
+                     augmentation: Augmentation | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass over uint8 ``images`` in shuffled mini-batches, with their ``labels``: the loop of
     defenses that train on the reserve outside :func:`fit`.
 
-    Draws one ``randperm`` from ``generator``, then each batch's crop and flip (``augment``).
+    Draws one ``randperm`` from ``generator``, then each batch's crop and flip (``augment``):
+    the data set's ``augmentation`` (pass ``reserve.augmentation``; ``None``: crop 4 + flip).
     Batches are on ``device`` (default: the images' own), as [0, 1] floats (``floats``) or uint8.
     """
     device = device if device is not None else images.device
@@ -161,7 +212,7 @@ def shuffled_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int
         idx = perm[i:i + batch_size]
         xb = images[idx.to(images.device)].to(device)
         if augment:
-            xb = random_crop_flip(xb, generator)
+            xb = augment_batch(xb, generator, augmentation)
         yield (to_float(xb, False) if floats else xb), labels[idx.to(labels.device)].to(device)
 
 
@@ -226,7 +277,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepInfo], torch.Tenso
 def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, device: torch.device,
         generator: torch.Generator, loss_fn: LossFn | None = None, desc: str = "train",
         progress: bool = True, after_step: Callable[[nn.Module], None] | None = None,
-        compile: bool = False) -> dict[str, float]:
+        compile: bool = False, augmentation: Augmentation | None = None) -> dict[str, float]:
     """Train ``model`` in place on ``data`` with ``recipe``.
 
     Args:
@@ -234,7 +285,8 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         data: clean images (``ImageSet``) or an attacker's ``PoisonedSet``;
             with ``stamp="after_augment"`` the trigger is stamped onto the
             poisoned samples of every augmented batch.
-        recipe: optimizer, schedule and augmentation.
+        recipe: optimizer, schedule, and whether and how to augment: its
+            ``crop_padding`` / ``hflip`` override the data set's augmentation.
         device: where to train; data is moved there once.
         generator: seeded CPU generator: shuffling and augmentation.
         loss_fn: replaces cross-entropy (training-controlled attacks,
@@ -245,6 +297,10 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         compile: run the forward pass through ``torch.compile`` (the plain
             cross-entropy step only: not with ``loss_fn`` or SAM). Compiled
             code is cached per model class and input shape in the process.
+        augmentation: the data set's augmentation (the runner passes the one of
+            the cell's data set); default: ``data.augmentation`` when ``data``
+            carries one (an ``ImageSet`` loaded from a source, or a subset of
+            one such as the defender's reserve), else crop 4 + flip.
 
     The shuffling and augmentation of an epoch are drawn at its start (on the
     CPU generator) and moved to the device at once, and the poisoned positions
@@ -262,6 +318,8 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         model.to(memory_format=torch.channels_last)
     model.train()
     images, labels = data.images.to(device), data.labels.to(device)
+    aug = recipe.augmentation_for(augmentation if augmentation is not None
+                                  else getattr(data, "augmentation", None))  # None: no augmentation
     stamp_fn = getattr(data, "stamp_fn", None) if getattr(data, "stamp", None) == "after_augment" else None
     n, bs = len(labels), recipe.batch_size
     steps = math.ceil(n / bs)
@@ -279,8 +337,10 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     num_classes = int(getattr(model, "num_classes", None) or labels.max().item() + 1)
     for epoch in range(recipe.epochs):
         perm_cpu = torch.randperm(n, generator=generator)
-        draws = [perm_cpu, *draw_crop_flip(n, generator)] if recipe.augment else [perm_cpu]
-        perm, *aug = to_device(torch.stack([d.long() for d in draws]), device).unbind(0)
+        draws = [perm_cpu]
+        if aug is not None:
+            draws += draw_crop_flip(n, generator, aug.crop_padding, aug.hflip)
+        perm, *draws_dev = to_device(torch.stack([d.long() for d in draws]), device).unbind(0)
         if stamp_fn is not None:  # the epoch's poisoned positions, and where each batch's share starts
             hits = data.poison_mask.cpu()[perm_cpu].nonzero().squeeze(1)
             bounds = torch.searchsorted(hits, torch.arange(steps + 1) * bs).tolist()
@@ -288,9 +348,9 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         for i in range(steps):
             idx = perm[i * bs:(i + 1) * bs]
             xb, yb = images[idx], labels[idx]
-            if recipe.augment:
-                dy, dx, flip = (a[i * bs:(i + 1) * bs] for a in aug)
-                xb = crop_flip(xb, dy, dx, flip.bool())
+            if aug is not None:
+                dy, dx, flip = (a[i * bs:(i + 1) * bs] for a in draws_dev)
+                xb = crop_flip(xb, dy, dx, flip.bool(), aug.crop_padding)
             if stamp_fn is not None and bounds[i + 1] > bounds[i]:
                 at = hits[bounds[i]:bounds[i + 1]] - i * bs
                 xb[at] = stamp_fn(xb[at])

@@ -189,7 +189,7 @@ def fake_scoring(monkeypatch, model, accs, acc0):
     ``acc0`` unpruned, ``accs[i]`` pruned at GRID[i]. Returns the list of the scored models' pruned counts."""
     masks = constructed_masks(model)
     monkeypatch.setattr(anp_module, "optimize_masks",
-                        lambda m, images, labels, cfg, device, gen: NeuronMasks(masks, {}, {}))
+                        lambda m, images, labels, cfg, device, gen, aug=None: NeuronMasks(masks, {}, {}))
     by_count = {0: acc0}
     for t, acc in zip(GRID, accs):
         by_count[sum(int((m < t).sum()) for m in masks.values())] = acc

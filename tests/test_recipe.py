@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backdoor_harness.data import ImageSet
+from backdoor_harness.data import Augmentation, ImageSet
 from backdoor_harness.train import RECIPES, Recipe, fit, resolve_recipe
 
 
@@ -15,6 +15,22 @@ def test_fields_added_later_enter_the_key_only_when_set():
         assert set(RECIPES[name].payload()) == old
     assert set(Recipe(schedule="triangle").payload()) == old | {"warmup"}
     assert set(Recipe(nesterov=True, label_smoothing=0.2).payload()) == old | {"nesterov", "label_smoothing"}
+    assert set(Recipe(hflip=False).payload()) == old | {"hflip"}
+    assert Recipe(hflip=True, crop_padding=0).payload() == {**Recipe().payload(), "hflip": True, "crop_padding": 0}
+    assert resolve_recipe({"base": "cpu-quick", "hflip": False}).payload()["hflip"] is False
+
+
+def test_recipe_overrides_the_data_sets_augmentation():
+    gtsrb, cifar = Augmentation(hflip=False), Augmentation()
+    assert Recipe().augmentation_for(gtsrb) == gtsrb  # None: the data set's own
+    assert Recipe().augmentation_for(None) == Augmentation(crop_padding=4, hflip=True)  # unknown set: as before
+    assert Recipe(hflip=True).augmentation_for(gtsrb) == Augmentation(crop_padding=4, hflip=True)
+    assert Recipe(hflip=False).augmentation_for(cifar) == Augmentation(crop_padding=4, hflip=False)
+    assert Recipe(crop_padding=2).augmentation_for(gtsrb) == Augmentation(crop_padding=2, hflip=False)
+    assert Recipe(augment=False, hflip=True).augmentation_for(cifar) is None
+    assert Recipe(crop_padding=0).augmentation_for(gtsrb) is None  # neither crop nor flip
+    with pytest.raises(ValueError):
+        Recipe(crop_padding=-1)
 
 
 def test_triangle_schedule_by_hand():

@@ -116,7 +116,8 @@ from backdoor_harness.data import ImageSet
 from backdoor_harness.errors import HarnessError
 from backdoor_harness.layers import norm_layers
 from backdoor_harness.metrics import accuracy
-from backdoor_harness.train import predict, random_crop_flip, to_float
+from backdoor_harness.data import Augmentation
+from backdoor_harness.train import augment_batch, predict, to_float
 
 
 #: the default grid: paper 000's range 0.4-0.9 at BackdoorBench's step 0.05
@@ -222,8 +223,10 @@ class PerturbedBatchNorm:
 
 
 def optimize_masks(model: nn.Module, reserve_images: torch.Tensor, reserve_labels: torch.Tensor,
-                   cfg: ANPConfig, device: torch.device, generator: torch.Generator) -> NeuronMasks:
-    """Steps 2-3: learn the neuron masks on a working copy of ``model`` (left untouched)."""
+                   cfg: ANPConfig, device: torch.device, generator: torch.Generator,
+                   augmentation: Augmentation | None = None) -> NeuronMasks:
+    """Steps 2-3: learn the neuron masks on a working copy of ``model`` (left untouched);
+    ``augmentation``: the data set's (None: crop + flip)."""
     work = copy.deepcopy(model).to(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -249,7 +252,7 @@ def optimize_masks(model: nn.Module, reserve_images: torch.Tensor, reserve_label
         idx = torch.randint(0, n, (cfg.batch_size,), generator=generator).to(device)
         xb, y = images[idx], labels[idx]
         if cfg.augment:
-            xb = random_crop_flip(xb, generator)
+            xb = augment_batch(xb, generator, augmentation)
         x = to_float(xb, cuda)
         if eps > 0:
             start = (torch.rand(2 * sum(sizes), generator=generator) * 2 - 1).mul_(eps).to(device)
@@ -349,7 +352,8 @@ class ANP(Defense):
     def optimize_masks(self, model: nn.Module, ctx, data: ImageSet | None = None) -> NeuronMasks:
         """Steps 2-3 on ``data`` (default: the whole reserve), with ``ctx``'s device and generator."""
         data = ctx.reserve if data is None else data
-        return optimize_masks(model, data.images, data.labels, self.config, ctx.device, ctx.generator)
+        return optimize_masks(model, data.images, data.labels, self.config, ctx.device, ctx.generator,
+                              data.augmentation)
 
     def purify(self, model, ctx):
         cfg = self.config

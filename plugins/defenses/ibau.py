@@ -237,12 +237,14 @@ class IBAU(Defense):
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
         images, labels = ctx.reserve.images.to(dev), ctx.reserve.labels.to(dev)
+        aug = ctx.reserve.augmentation
         outer_batches = list(shuffled_batches(images, labels, cfg.batch_size, rng, augment=cfg.augment,
-                                              floats=False))  # uint8, drawn once
+                                              floats=False, augmentation=aug))  # uint8, drawn once
         shape = tuple(images.shape[1:])
         with sdpa_kernel(SDPBackend.MATH):
             for _ in range(cfg.rounds):
-                batches = (x for x, _ in shuffled_batches(images, labels, cfg.batch_size, rng, augment=cfg.augment))
+                batches = (x for x, _ in shuffled_batches(images, labels, cfg.batch_size, rng, augment=cfg.augment,
+                                                          augmentation=aug))
                 delta = maximize_perturbation(model, batches, cfg, shape, dev)
                 first = outer_batches[0]
                 for xb, yb in outer_batches:

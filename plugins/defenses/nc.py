@@ -228,7 +228,8 @@ def reverse_engineer(model: nn.Module, reserve: ImageSet, target: int, config: N
         hits = torch.zeros((), device=device)
         reg_sum = torch.zeros((), device=device)
         seen = steps = 0
-        for x, _ in shuffled_batches(reserve.images, reserve.labels, config.batch_size, generator, device):
+        for x, _ in shuffled_batches(reserve.images, reserve.labels, config.batch_size, generator, device,
+                                     augmentation=reserve.augmentation):
             mask, pattern = _squash(theta_m), _squash(theta_p)
             y = torch.full((len(x),), target, dtype=torch.int64, device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

@@ -98,7 +98,7 @@ from pydantic import Field
 
 from backdoor_harness import Defense, PluginConfig, hookimpl
 from backdoor_harness.errors import HarnessError
-from backdoor_harness.train import random_crop_flip, to_float
+from backdoor_harness.train import augment_batch, to_float
 
 
 class SAUConfig(PluginConfig):
@@ -321,7 +321,7 @@ class SAU(Defense):
                 idx = perm[i:i + bs]
                 xb, y = images[idx], labels[idx]
                 if cfg.augment:
-                    xb = random_crop_flip(xb, ctx.generator)
+                    xb = augment_batch(xb, ctx.generator, ctx.reserve.augmentation)
                 x = to_float(xb, cuda)
                 delta = shared_pgd(model, ref, x, y, cfg, ctx.generator)
                 for _ in range(cfg.outer_steps):
