@@ -35,8 +35,11 @@ def cmd_list(args) -> int:
                 vit = "*" in cls.families or "vision_transformer" in cls.families
                 needs = cls().needs if isinstance(cls.needs, property) else cls.needs  # config-dependent: defaults
                 row += [",".join(sorted(needs)) or "-", ",".join(sorted(cls.families)), "yes" if vit else "no"]
+            if kind == "attack":  # the default config's trigger: the reference one, or what replaces it
+                row += [cls().substitute or "-"]
             rows.append(row)
         headers = ["name", "version", "summary", "package"] + (["needs", "models", "ViT"] if kind == "defense" else [])
+        headers += ["substitute (default config)"] if kind == "attack" else []
         print(f"{kind}s ({len(rows)})")
         print(tabulate(rows, headers=headers, tablefmt="simple"))
         print()

@@ -66,6 +66,9 @@ class PoisonedSet:
             trainer stamps ``stamp_fn`` onto the masked samples of every
             augmented batch.
         stamp_fn: the trigger, for ``after_augment``.
+        source: optional int64 ``[N]``, the index of each row in the set it
+            was drawn from (set by :meth:`Attack.poisoned_samples`, so the
+            original labels are ``train.labels[source]``).
     """
 
     images: torch.Tensor
@@ -73,10 +76,22 @@ class PoisonedSet:
     poison_mask: torch.Tensor
     stamp: Literal["before_augment", "after_augment"] = "before_augment"
     stamp_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    source: torch.Tensor | None = None
 
     @property
     def poison_indices(self) -> torch.Tensor:
         return self.poison_mask.nonzero().flatten()
+
+    def triggered_images(self) -> torch.Tensor:
+        """The images with the trigger in the pixels of every poisoned sample,
+        whichever ``stamp`` says (``after_augment`` samples get ``stamp_fn``
+        now, without augmentation); the set itself is not modified."""
+        if self.stamp == "before_augment" or not bool(self.poison_mask.any()):
+            return self.images
+        images = self.images.clone()
+        idx = self.poison_indices
+        images[idx] = self.stamp_fn(images[idx])
+        return images
 
 
 class AttackConfig(PluginConfig):
@@ -125,6 +140,16 @@ class Attack(Plugin):
     training_controlled: ClassVar[bool] = False
     #: poisons only target-class samples and keeps their labels (SIG, LC); see :meth:`select_poison`
     clean_label: ClassVar[bool] = False
+    #: Whether the attack's trigger is the reference one. ``None``: it is the
+    #: paper's or BackdoorBench's trigger (the same pattern, or the same
+    #: generation rule and settings). Otherwise a short, non-empty phrase saying
+    #: what replaces the reference trigger, e.g. ``"own StegaStamp-style
+    #: encoder, not BackdoorBench's pre-encoded images"``. The leaderboard never
+    #: shows a paper's published number beside an attack whose ``substitute``
+    #: is set. A class attribute, or a property where the config decides (read
+    #: it on an instance: Blended's ``pattern: gaussian`` is paper 000's
+    #: trigger, its default uniform noise is a substitute).
+    substitute: ClassVar[str | None] = None
 
     # -- the trigger ---------------------------------------------------------
 
@@ -173,7 +198,8 @@ class Attack(Plugin):
         stamp_fn = None
         if self.config.stamp == "before_augment":
             images = images.clone()
-            images[index] = self.apply_trigger(images[index], train=True)
+            if len(index):
+                images[index] = self.apply_trigger(images[index], train=True)
         else:
             stamp_fn = lambda x: self.apply_trigger(x, train=True)  # noqa: E731
         return PoisonedSet(images, labels, mask, self.config.stamp, stamp_fn)
@@ -184,6 +210,66 @@ class Attack(Plugin):
         labels = train.labels.clone()
         labels[idx] = self.target_labels(train.labels[idx], train.num_classes)
         return self.stamped(train.images, labels, idx)
+
+    def poisoned_samples(self, train: ImageSet, count: int, generator: torch.Generator, *,
+                         flipped_only: bool = False) -> PoisonedSet:
+        """``count`` poisoned training samples as this attack makes them, for attacks on a
+        trained model that reuse the attacker's poisoned data (the Retuning Attack, QRA).
+
+        Data-poisoning attacks: a uniform draw (without replacement, from ``generator``)
+        of ``count`` of the samples that ``poison(train, generator)`` poisons, with their
+        poisoned pixels and labels. So a dirty-label attack gives stamped images
+        relabelled to their target (target-class originals included, when the attack
+        poisons those), and a clean-label attack gives target-class images (with any
+        pixel change its ``poison`` makes, e.g. LC's adversarial perturbation) and the
+        trigger, at their own label. An attack that overrides :meth:`poison` is
+        followed automatically (its ``poison`` runs on the whole set; with the default
+        ``poison`` only the drawn samples are stamped, with the same result).
+        ``flipped_only`` keeps only samples whose poisoned label differs from their
+        true label (none, for a clean-label attack).
+
+        Training-controlled attacks have no poisoned training set: ``count`` training
+        images whose label the trigger changes (:meth:`test_mask`), drawn uniformly,
+        with the training trigger and their target labels (``flipped_only`` changes
+        nothing).
+
+        Returns a :class:`PoisonedSet` of those samples only (fewer than ``count`` when
+        the attack poisons fewer): every row is poisoned; the trigger is in the pixels
+        or in ``stamp_fn`` as ``config.stamp`` says (:meth:`PoisonedSet.triggered_images`
+        gives the pixels either way); ``source`` holds each row's index in ``train``.
+        ``train`` is not modified.
+        """
+        if count <= 0:  # nothing to stamp (and no poisoning to run)
+            pick = torch.zeros(0, dtype=torch.int64)
+            out = self.stamped(train.images[pick], train.labels[pick], pick)
+        elif self.training_controlled:
+            pool = self.test_mask(train.labels, train.num_classes).nonzero().flatten()
+            pick = pool[torch.randperm(len(pool), generator=generator)[:count]]
+            labels = self.target_labels(train.labels[pick], train.num_classes)
+            out = self.stamped(train.images[pick], labels, torch.arange(len(pick)))
+        else:
+            with warnings.catch_warnings():  # a too small class was already reported when the model was poisoned
+                warnings.simplefilter("ignore", UserWarning)
+                if type(self).poison is Attack.poison:  # the default poisoning: stamp only the drawn samples
+                    pool = self.select_poison(train.labels, generator).sort().values
+                    full = None
+                else:  # an attack's own poisoning: run it, then draw
+                    full = self.poison(train, generator)
+                    pool = full.poison_indices
+            poisoned_labels = (self.target_labels(train.labels[pool], train.num_classes) if full is None
+                               else full.labels[pool])
+            if flipped_only:
+                keep = poisoned_labels != train.labels[pool]
+                pool, poisoned_labels = pool[keep], poisoned_labels[keep]
+            order = torch.randperm(len(pool), generator=generator)[:count]
+            pick = pool[order]
+            if full is None:
+                out = self.stamped(train.images[pick], poisoned_labels[order], torch.arange(len(pick)))
+            else:
+                out = PoisonedSet(full.images[pick], full.labels[pick], torch.ones(len(pick), dtype=torch.bool),
+                                  full.stamp, full.stamp_fn)
+        out.source = pick.to(torch.int64)
+        return out
 
     def poison_test(self, test: ImageSet) -> ImageSet:
         """The poisoned test set: eligible images stamped, labelled with their target.

@@ -78,6 +78,7 @@ def cell_setup(train: dict | None, purify: dict | None) -> dict[str, Any] | None
         "recipe": _recipe(tc.get("recipe")),
         "attack": attack.get("name"),
         "attack_config": _effective("attack", attack) or {},
+        "attack_substitute": _substitute(attack),
         "defense": defense.get("name"),
         "defense_config": _effective("defense", defense) or {},
     }
@@ -142,7 +143,7 @@ def differences(setup: dict | None, cell: dict | None, evaluator: tuple[str | No
     if installed is not None and cell["model_version"] != installed:
         out.append(f"model {cell['model'].get('name')} is architecture revision {cell['model_version'] or 1}, "
                    f"the installed one is {installed}")
-    substitute = _substitute(attack)
+    substitute = cell.get("attack_substitute")
     if substitute:
         out.append(f"attack {attack} is a substitute ({substitute})")
     # an entry's own attack/defense config (a paper's ablation) overrides the setup's pins
@@ -173,11 +174,12 @@ def _reserve_pins(pins: dict | None, tag: str | None) -> tuple[dict | None, str 
     return None, f"the paper's reserve {tag!r} is not one the harness builds"
 
 
-def _substitute(attack: str | None) -> str | None:
+def _substitute(ref: dict) -> str | None:
+    """The attack's ``substitute`` for the config it ran with (None when it is not installed)."""
     try:
-        from ..registry import get_class
+        from ..registry import create
 
-        return getattr(get_class("attack", attack), "substitute", None)
+        return create("attack", ref["name"], **(ref.get("config") or {})).substitute
     except Exception:
         return None
 

@@ -115,3 +115,22 @@ def test_state_round_trip_and_mismatch():
         fresh.poison(dataset(per_class=10), torch.Generator())
     with pytest.raises(HarnessError, match="missing"):
         LC().poison(data, torch.Generator())
+
+
+def test_poisoned_samples_are_clean_label_adversarial_and_stamped():
+    """What the Retuning Attack retunes with (Attack.poisoned_samples): LC's own poisoned training samples."""
+    data = dataset()
+    attack, _ = prepared(data, target=1, pgd_steps=3, poison_rate=0.1)
+    s = attack.poisoned_samples(data, 2, torch.Generator().manual_seed(0))
+    assert len(s.labels) == 2 and (data.labels[s.source] == 1).all() and (s.labels == 1).all()
+    row = {int(i): k for k, i in enumerate(attack.adv_index)}
+    adv = attack.adv_images[[row[int(i)] for i in s.source]]
+    assert torch.equal(s.images, attack.apply_trigger(adv))  # the adversarial image, then the trigger
+    for clean, poisoned in zip(data.images[s.source], s.images):
+        assert not torch.equal(clean, poisoned)
+        assert not torch.equal(attack.apply_trigger(clean[None])[0], poisoned)  # not just the trigger
+    assert len(attack.poisoned_samples(data, 2, torch.Generator(), flipped_only=True).labels) == 0
+    with warnings.catch_warnings():  # the too-small-class warning belongs to poisoning the model, not to this draw
+        warnings.simplefilter("error")
+        big, _ = prepared(data, target=1, pgd_steps=1, poison_rate=0.5)
+        assert len(big.poisoned_samples(data, 100, torch.Generator()).labels) == 20

@@ -221,3 +221,42 @@ def test_fit_stamps_exactly_the_poisoned_samples_of_every_augmented_batch():
     stamped = (x == 1).flatten(1).all(1)
     assert len(x) == 200 and int(stamped.sum()) == 2 * 13  # each poisoned sample once per epoch ...
     assert torch.equal(stamped, y == 9)  # ... and nothing else
+
+
+def _code_strings(path) -> list[str]:
+    """Every string constant of a module's code (f-string parts included), docstrings excepted."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_no_evaluator_names_an_attack():
+    """Per-attack settings belong in matrix files (per_attack), never in an evaluator's code."""
+    import re
+    from pathlib import Path
+
+    import backdoor_harness.plugins.evaluators as evaluators
+
+    names = bh.list_attacks()
+    assert {"badnets", "lc"} <= set(names)
+    files = sorted(Path(evaluators.__path__[0]).glob("*.py"))
+    assert any(f.name == "retune.py" for f in files)
+    for path in files:
+        for text in _code_strings(path):
+            for name in names:  # whole identifiers only: "lc" inside "calc" is no attack
+                assert not re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", text, re.IGNORECASE), \
+                    f"{path.name} names the attack {name!r} in {text!r}"
+
+
+def test_the_name_check_sees_what_it_must(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('"""Doc: BadNets 5, LC 2."""\nK = {"badnets": 5}\nX = f"calc {1}"\nif a == "LC": pass\n')
+    assert _code_strings(module) == ["badnets", "calc ", "LC"]

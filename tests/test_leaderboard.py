@@ -165,11 +165,11 @@ def test_substitute_attacks_and_stale_models_never_match(monkeypatch):
     from backdoor_harness.leaderboard import setups
 
     recs = cell_records(defense_config={"rho": 0.9})
-    monkeypatch.setattr(setups, "_substitute", lambda attack: "own encoder, not the paper's")
+    monkeypatch.setattr(setups, "_substitute", lambda ref: "own encoder, not the paper's")
     (board,) = boards(recs, [reported_entry()])
     assert board["rows"][0]["cells"]["a"]["asr"]["reported"] is None
     assert "attack a is a substitute (own encoder, not the paper's)" in board["notes"][0]
-    monkeypatch.setattr(setups, "_substitute", lambda attack: None)
+    monkeypatch.setattr(setups, "_substitute", lambda ref: None)
     monkeypatch.setattr(setups, "_model_version", lambda name: "2")
     (board,) = boards(recs, [reported_entry()])
     assert "model m is architecture revision 1, the installed one is 2" in board["notes"][0]
@@ -254,3 +254,19 @@ def test_the_cli_renders_each_records_file_as_its_own_boards(tmp_path, capsys):
     assert out.count("| none ") == 2  # a record both files hold shows in both boards
     assert cli.main(["leaderboard", "--records", files[0], "--format", "markdown"]) == 0
     assert "### d / m" in capsys.readouterr().out  # one file: no source in the title
+
+
+def test_a_cells_substitute_follows_the_config_it_ran_with():
+    from backdoor_harness.leaderboard.setups import cell_setup, differences, load_setups
+
+    def cell(name, config):
+        return cell_setup({"config": {"attack": {"name": name, "config": config}, "recipe": {"epochs": 100}}},
+                          {"config": {"defense": {"name": "none", "config": {}}}})
+
+    assert cell("blended", {"pattern": "gaussian"})["attack_substitute"] is None  # paper 000's trigger
+    assert "uniform" in cell("blended", {})["attack_substitute"]
+    assert "encoder" in cell("ssba", {})["attack_substitute"]
+    paper = load_setups()["paper000-cifar10"]
+    why = differences(paper, cell("blended", {"pattern": "gaussian", "alpha": 0.1, "test_alpha": 0.2}))
+    assert not any("blended" in w for w in why), why
+    assert "blended.alpha 0.2 (the paper's 0.1)" in differences(paper, cell("blended", {"pattern": "gaussian"}))

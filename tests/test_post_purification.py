@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -72,12 +73,17 @@ def test_escape_point_and_midpoint_by_hand():
 
 def test_retune_set_holds_exactly_k_poisoned_images(ctx):
     ev = bh.create_evaluator("retune", n_images=100)
-    assert ev.poison_count("badnets") == 5 and ev.poison_count("blended") == 1 and ev.poison_count("wanet") == 5
+    assert ev.config.poison_count == 5  # the authors' default; paper 000's per-attack counts live in matrix files
     tuning, idx = ev.retuning_set(ctx)
     assert len(tuning.labels) == 100 and idx.tolist() == [0, 1, 2, 3, 4]
     assert int(tuning.poison_mask.sum()) == 5 and (tuning.labels[idx] == 0).all()
+    # BadNets (dirty-label, after_augment): its own poisoned samples, relabelled, stamped by the trainer
+    assert tuning.stamp == "after_augment"
+    assert torch.equal(tuning.images[idx], ctx.train.images[tuning.source[idx]])
     stamped = tuning.stamp_fn(tuning.images[idx])
     assert (stamped[..., -3:, -3:] == 255).all()
+    assert torch.equal(tuning.triggered_images()[idx], stamped)
+    assert int(bh.create_evaluator("retune", n_images=100, poison_count=1).retuning_set(ctx)[0].poison_mask.sum()) == 1
     # the 95 others are clean training images with their own labels
     rest = tuning.images[5:]
     assert all(any(torch.equal(img, x) for x in ctx.train.images) for img in rest[:5])
@@ -217,3 +223,45 @@ def test_qra_reference_defense_is_one_shared_purify_job():
         bh.create_evaluator("qra", reference="nosuchdefense")
     with pytest.raises(bh.HarnessError, match="reference"):
         bh.create_evaluator("qra", reference={"name": "ep", "config": {"epochz": 1}})
+
+
+@pytest.fixture(scope="module")
+def lc_ctx(ctx):
+    """The same cell attacked by LC (clean-label), its adversarial images prepared against a tiny model."""
+    from backdoor_harness.contracts import PrepareContext
+
+    lc = bh.create_attack("lc", pgd_steps=2)
+    lc.prepare(PrepareContext(train=ctx.train, device=CPU, generator=torch.Generator().manual_seed(0), seed=0,
+                              fit=None, clean_model=tiny(3)))
+    return dataclasses.replace(ctx, attack=lc, poisoned_test=lc.poison_test(ctx.clean_test))
+
+
+def test_retune_set_of_a_clean_label_attack_is_clean_label(lc_ctx):
+    """LC retunes with LC's own poisoned samples (as the authors' ft_poison.py): target-class images,
+    adversarially perturbed and stamped, at the target label; never relabelled non-target images."""
+    ctx = lc_ctx
+    tuning, idx = bh.create_evaluator("retune", n_images=100, poison_count=2).retuning_set(ctx)
+    assert idx.tolist() == [0, 1] and int(tuning.poison_mask.sum()) == 2
+    src = tuning.source[idx]
+    assert (ctx.train.labels[src] == 0).all() and (tuning.labels[idx] == 0).all()
+    for clean, poisoned in zip(ctx.train.images[src], tuning.images[idx]):
+        assert not torch.equal(clean, poisoned)
+    corners = tuning.images[idx][..., :3, :3]
+    assert (corners[..., 0, 0] == 255).all() and (corners[..., 0, 1] == 0).all()  # the trigger is in the pixels
+    # the other 98 rows are clean training images with their own labels
+    assert torch.equal(tuning.images[2:], ctx.train.images[tuning.source[2:]])
+    assert torch.equal(tuning.labels[2:], ctx.train.labels[tuning.source[2:]])
+
+
+def test_qra_poisoned_images_follow_the_attack(ctx, lc_ctx):
+    ev = bh.create_evaluator("qra", n_poison=7)
+    assert ev.config.alpha == 0.2
+    ctx.generator.manual_seed(0)
+    x, y = ev.poisoned_images(ctx)  # BadNets: its own poisoned training samples whose class is not the target
+    assert len(y) == 7 and (y != 0).all() and (x[..., -3:, -3:] == 255).all()
+    lc_ctx.generator.manual_seed(0)
+    x, y = ev.poisoned_images(lc_ctx)  # LC: non-target images with the test-time trigger (as its poisoned test set)
+    assert len(y) == 7 and (y != 0).all()
+    assert (x[..., :3, :3][..., 0, 0] == 255).all() and (x[..., -3:, -3:][..., 2, 2] == 255).all()
+    assert all(any(torch.equal(lc_ctx.attack.apply_trigger(t[None])[0], img) for t in lc_ctx.train.images)
+               for img in x[:2])

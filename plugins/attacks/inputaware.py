@@ -46,6 +46,13 @@ two small conv encoder-decoders besides the classifier):
    (``G.*``, ``M.*`` in ``state_dict``), saved with the trained model and
    restored by ``load_state_dict`` for evaluation.
 
+What is the paper's and what is substituted: the trigger's form (a learned
+per-image pattern through a learned sparse mask), the cross samples and the
+losses are the paper's and BackdoorBench's. The generators that make the
+trigger are NOT: smaller networks of this module's own, the mask generator
+trained jointly with the classifier instead of beforehand (``substitute``,
+and the Departures below).
+
 Defaults: BackdoorBench's CIFAR-10 ``config/attack/inputaware/default.yaml``
 (conventions.md §2.8): ``lr_G = lr_M = 0.01``, ``lambda_div 1``,
 ``lambda_norm 100``, ``mask_density 0.032``, ``clean_train_epochs 25`` (the
@@ -196,6 +203,8 @@ class InputAware(Attack):
     paper = "Nguyen & Tran, Input-Aware Dynamic Backdoor Attack, NeurIPS 2020"
     Config = InputAwareConfig
     training_controlled = True
+    substitute = ("own smaller pattern and mask generators (8/16 channels, GroupNorm), the mask trained jointly with "
+                  "the classifier, not the original networks and mask pre-training")
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)

@@ -27,6 +27,13 @@ Algorithm:
    bottom: this is BackdoorBench's table, not an exact checkerboard).
 4. At test time the trigger goes on clean images of the other classes.
 
+What is the paper's and what is substituted: the four-corner trigger, its
+amplitude, eps 16/255 and the clean-label poisoning are BackdoorBench's. The
+adversarial images are NOT: BackdoorBench (and paper 000, which runs it
+unmodified) poisons with pre-crafted adversarial images (``.npy`` files made
+against an adversarially trained ResNet-18); here ``prepare`` crafts them with
+its own PGD against the cell's clean reference model (``substitute``).
+
 Defaults: eps 16/255 (BackdoorBench's ``{model}_{dataset}_16_train.npy``, the
 paper's strongest L_inf bound; conventions.md §2.8), no random start,
 amplitude 1, rate 0.1 of the whole set (= all of class 0 on CIFAR-10), target 0.
@@ -94,6 +101,8 @@ class LC(Attack):
     Config = LCConfig
     clean_label = True
     prepare_needs_clean_model = True
+    substitute = ("own PGD (20 steps of 2/255, eps 16/255) against the cell's clean model, not BackdoorBench's "
+                  "pre-crafted adversarial images from an adversarially trained ResNet-18")
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)

@@ -24,6 +24,13 @@ Algorithm:
    poisoning: ``round(poison_rate * N)`` images drawn from the whole set get
    it and the target label.
 
+What is the paper's and what is substituted: the additive, universal,
+low-frequency, target-directed pattern and the poisoning are the paper's and
+BackdoorBench's. The pattern itself is NOT: BackdoorBench ships pattern files
+(``resource/lowFrequency/{dataset}_{model}_0_255.npy``) made with DeepFool and
+a Gaussian low-pass; here ``prepare`` generates its own with the procedure
+above against the cell's clean reference model (``substitute``).
+
 Defaults (BackdoorBench CIFAR-10, conventions.md §2.8: pratio 0.1, target 0):
     - ``eps = 25.5`` grey levels: BackdoorBench's ``normalization`` rescales the
       pattern to a range of 0.2 (= 51 grey levels peak to peak) after every
@@ -97,6 +104,8 @@ class LF(Attack):
     paper = "Zeng, Park, Mao, Jia, Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective, ICCV 2021"
     Config = LFConfig
     prepare_needs_clean_model = True
+    substitute = ("own universal low-frequency pattern (gradient steps in a DFT window of radius 3) against the "
+                  "cell's clean model, not BackdoorBench's DeepFool-made pattern files")
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)

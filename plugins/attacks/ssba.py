@@ -26,6 +26,14 @@ Algorithm:
    uniformly get the trigger and the target label; at test time the trigger
    goes on the images of the other classes.
 
+What is the paper's and what is substituted: the idea (a fixed code hidden
+by a steganographic encoder as an invisible, sample-specific residual) and
+the all-to-one poisoning are the paper's and BackdoorBench's. The triggered
+images are NOT: BackdoorBench (and paper 000, which runs it unmodified)
+poisons with images pre-encoded by a full StegaStamp model; here ``prepare``
+trains its own small StegaStamp-style encoder (``substitute``, and the
+Departures below).
+
 The attack state (``state_dict``) is the bit string (``code``), the encoder
 (``encoder.<param>``) and the decoder (``decoder.<param>``, kept for
 diagnostics: it is not needed to stamp).
@@ -159,6 +167,8 @@ class SSBA(Attack):
     summary = "sample-specific invisible trigger: a small StegaStamp encoder hides a fixed 100-bit code (L_inf 8/255)"
     paper = "Li et al., Invisible Backdoor Attack with Sample-Specific Triggers, ICCV 2021"
     Config = SSBAConfig
+    substitute = ("own small StegaStamp-style encoder trained in prepare (no LPIPS, critic or distortions), not "
+                  "BackdoorBench's images pre-encoded by StegaStamp")
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)

@@ -10,11 +10,13 @@ Algorithm:
 2. a generator phi: an MLP on the flattened image, 3HW -> 1024 -> 1024 -> 1024
    -> 3HW (ReLU, tanh output), delta = eps * phi(x), eps = 16/255, x' =
    clip(x + delta, 0, 1) in pixel space;
-3. train phi (models frozen) on 500 clean + 500 poisoned non-target training
-   images for 50 epochs (SGD lr 0.1, momentum 0.9, batch 128) on
+3. train phi (models frozen) on 500 clean + 500 poisoned images for 50
+   epochs (SGD lr 0.1, momentum 0.9, batch 128) on
    KL(f_RA(x) || f_pur(x')) + alpha * CE(f_ref(x'), y_true): the purified model
    on x' imitates the retuned model on x, while the reference model (the clean
-   reference model) keeps classifying x' correctly; alpha 0.2 (0.1 for LC);
+   reference model) keeps classifying x' correctly; alpha 0.2 (the authors'
+   default; paper 000 uses 0.1 for LC, which a matrix sets with
+   ``per_attack``: this module never names an attack);
 4. report C-ASR (clean non-target test images + delta -> target) and P-ASR
    (poisoned test images + delta -> target), on the purified and the clean model.
 
@@ -24,6 +26,18 @@ since an attacker rarely has a clean model: ``reference: ep`` (or any defense,
 ``{name, config}`` to pick its config) asks the scheduler for that defense's
 purified model of the same attacked model, shared with the matrix's own row
 when the configs agree.
+
+The 500 poisoned images, as the authors' code takes them: for a dirty-label
+attack (or a training-controlled one), the attack's own poisoned training
+samples whose true class is not their target (``Attack.poisoned_samples``
+with ``flipped_only``: the training trigger on non-target images); for a
+clean-label attack (``Attack.clean_label``), whose poisoned training images
+are all of the target class, images like those of the poisoned test set
+(``Attack.poison_test``: non-target images with the test-time trigger). The
+authors take the latter from the poisoned test set itself, on which P-ASR is
+then measured; here they are made from non-target TRAINING images, so the
+test images stay unseen. Each keeps its true label for the CE term. An
+attack that poisoned fewer such images than ``n_poison`` gives fewer.
 
 Where alpha goes: Eq. (2) of the paper weights the CE term (``alpha_on: ce``,
 the default); the authors' code weights the KL term and leaves CE at 1
@@ -37,10 +51,11 @@ against 1.5%) and to the clean model (P-ASR 5.7% against 1.3%). The CE term
 on the reference model has weight 1 there, against alpha = 0.2 in Eq. (2).
 
 Departures: the generator sees [0, 1] pixels, not normalised images (the
-harness normalises inside the model); the reference model is the clean model
-(the paper's EP surrogate is not selectable yet); C-ASR excludes target-class
-images (the code counts every test image and hard-codes class 0); the
-poisoned images carry the training-time trigger.
+harness normalises inside the model); the reference model defaults to the
+clean model (``reference: ep`` is the paper's surrogate); C-ASR excludes
+target-class images (the code counts every test image and hard-codes class
+0); a clean-label attack's poisoned images are made from training images, not
+taken from the poisoned test set (see above).
 """
 
 from __future__ import annotations
@@ -63,7 +78,7 @@ from backdoor_harness.train import predict, to_float
 class QRAConfig(PluginConfig):
     """Attributes:
         eps: L-inf budget of the perturbation, on the [0, 1] scale.
-        alpha: weight of the balancing term (default 0.2; 0.1 for ``lc``).
+        alpha: weight of the balancing term (default 0.2, the authors' code default).
         alpha_on: ``ce`` (the paper's Eq. 2) or ``kl`` (the authors' code).
         n_clean, n_poison: training images of each kind.
         epochs, lr, momentum, batch_size: the generator's SGD.
@@ -74,7 +89,7 @@ class QRAConfig(PluginConfig):
     """
 
     eps: float = Field(default=16 / 255, gt=0, le=1)
-    alpha: float | None = Field(default=None, ge=0)
+    alpha: float = Field(default=0.2, ge=0)
     alpha_on: Literal["ce", "kl"] = "ce"
     n_clean: int = Field(default=500, ge=0)
     n_poison: int = Field(default=500, ge=0)
@@ -142,7 +157,7 @@ def frozen(model: nn.Module) -> nn.Module:
 
 class QueryReactivation(Evaluator):
     name = "qra"
-    version = "1"
+    version = "2"
     summary = "Query-based Reactivation Attack: C-ASR / P-ASR of a learned 16/255 perturbation"
     paper = "Min, Qin et al., Superficial Safety of Backdoor Defense, NeurIPS 2024"
     Config = QRAConfig
@@ -159,17 +174,28 @@ class QueryReactivation(Evaluator):
         ref = self.config.reference_defense()
         return () if ref is None else (ref,)
 
+    def poisoned_images(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n_poison`` poisoned images (uint8, trigger in the pixels) and their TRUE labels
+        (see the module docstring: the attack's own flipped poisoned samples, or for a
+        clean-label attack non-target training images with the test-time trigger)."""
+        train, attack, g, n = ctx.train, ctx.attack, ctx.generator, self.config.n_poison
+        if not attack.clean_label:
+            samples = attack.poisoned_samples(train, n, g, flipped_only=True)
+            return samples.triggered_images(), train.labels[samples.source]
+        pool = attack.test_mask(train.labels, train.num_classes).nonzero().flatten()
+        pick = pool[torch.randperm(len(pool), generator=g)[:n]]
+        poisoned = attack.poison_test(train.subset(pick))
+        return poisoned.images, poisoned.meta["true_labels"]
+
     def training_set(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-        """500 clean + 500 poisoned non-target training images (uint8) and their true labels."""
-        train, attack, g = ctx.train, ctx.attack, ctx.generator
+        """``n_clean`` clean training images + ``n_poison`` poisoned ones (uint8) and their true labels."""
+        train, g = ctx.train, ctx.generator
         clean = torch.randperm(len(train), generator=g)[: self.config.n_clean]
-        eligible = attack.test_mask(train.labels, train.num_classes).nonzero().flatten()
-        poison = eligible[torch.randperm(len(eligible), generator=g)[: self.config.n_poison]]
-        images = torch.cat([train.images[clean], attack.apply_trigger(train.images[poison], train=True)])
-        return images, torch.cat([train.labels[clean], train.labels[poison]])
+        poison_x, poison_y = self.poisoned_images(ctx)
+        return torch.cat([train.images[clean], poison_x]), torch.cat([train.labels[clean], poison_y])
 
     def train_generator(self, ctx, teacher: nn.Module) -> Perturbation:
-        alpha = self.config.alpha if self.config.alpha is not None else (0.1 if ctx.attack.name == "lc" else 0.2)
+        alpha = self.config.alpha
         images, labels = self.training_set(ctx)
         x_all, y_all = to_float(images.to(ctx.device), False), labels.to(ctx.device)
         ref = self.config.reference_defense()
