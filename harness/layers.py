@@ -13,13 +13,18 @@ it in ``fit(after_step=...)``.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import HarnessError
 from .models import classifier
 
-__all__ = ["classifier", "conv_norm_pairs", "features", "head", "norm_layers", "unwrap"]
+__all__ = ["ConvNormLink", "classifier", "conv_norm_links", "conv_norm_pairs", "features", "head", "norm_layers",
+           "unwrap"]
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -71,3 +76,137 @@ def conv_norm_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.modules.b
                 pairs.append((pending[0], pending[1], m))
             pending = None
     return pairs
+
+
+@dataclass(frozen=True)
+class ConvNormLink:
+    """A BatchNorm that normalizes a conv's output channels: output channel k of
+    ``conv`` is channel ``offset + k`` of ``norm``'s input.
+
+    ``offset`` is 0 when the BatchNorm takes the conv's output itself; in a
+    DenseNet, a layer's new channels reach every later layer's norm as a slice
+    of a concatenation (and a transition's through a 2x2 average pool).
+    ``exact`` says whether the link was seen in the data flow (False: the
+    module-order approximation of :func:`conv_norm_pairs`).
+    """
+
+    conv_name: str
+    conv: nn.Conv2d
+    norm_name: str
+    norm: nn.modules.batchnorm._BatchNorm
+    offset: int
+    exact: bool
+
+
+def _fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """One float64 number per channel of ``x`` ([B, C, H, W]): a fixed random
+    projection of the channel's values, to find equal channels fast."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(x.shape[0], 1, *x.shape[2:], generator=g, dtype=torch.float64).to(x.device)
+    return (x.double() * r).sum((0, 2, 3))
+
+
+def _offsets(norm_in: torch.Tensor, fp_in: torch.Tensor, conv_out: torch.Tensor, fp_out: torch.Tensor
+             ) -> list[int]:
+    """Offsets o with ``norm_in[:, o:o+K]`` equal to ``conv_out`` (K channels, the
+    same spatial size; ``fp_*`` their fingerprints)."""
+    c, k = norm_in.shape[1], conv_out.shape[1]
+    if k > c:
+        return []
+    tol = 1e-6 * (fp_out.abs().max() + fp_in.abs().max() + 1e-12)
+    hits = torch.nonzero((fp_in[: c - k + 1] - fp_out[0]).abs() <= tol).flatten().tolist()
+    return [o for o in hits
+            if ((fp_in[o:o + k] - fp_out).abs() <= tol).all()
+            and torch.allclose(norm_in[:, o:o + k], conv_out, rtol=1e-5, atol=1e-6)]
+
+
+def conv_norm_links(model: nn.Module, sample: torch.Tensor) -> list[ConvNormLink]:
+    """Every (conv, BatchNorm) link of the data flow of ``features`` on ``sample``
+    (float [0, 1] images; one eval-mode pass), then :func:`conv_norm_pairs`'
+    module-order pair of each BatchNorm the data flow links to no conv.
+
+    A BatchNorm is linked to a conv when a block of its input's channels equals
+    the conv's output (or its average pool, when the spatial sizes differ by an
+    integer factor): the conv-BN pairs of conv-BN-ReLU networks, and in a
+    DenseNet each conv with every later norm that reads its channels out of a
+    concatenation. On ResNet, VGG-BN, EfficientNet, MobileNet, the tiny CNN and
+    the PreAct-ResNet this gives exactly :func:`conv_norm_pairs` (the
+    pre-activation blocks' ``bn1``, which normalize conv + shortcut, keep its
+    approximate module-order pair, ``exact=False``). Links come in module
+    order of the BatchNorms, then of the convs.
+    """
+    net = unwrap(model)
+    # the probe runs on a copy whose BatchNorms have random statistics and affine
+    # parameters (a freshly initialised BN is nearly the identity, which would link
+    # a conv to a BN two layers down); hooks clone, so in-place ops change nothing
+    probe = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in unwrap(probe).modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for t, lo in ((m.running_mean, -1.0), (m.running_var, 0.5), (m.weight, 0.5), (m.bias, -1.0)):
+                    if t is not None:
+                        t.copy_(torch.rand(t.shape, generator=g) * 1.5 + lo)
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    same: set[tuple[str, str]] = set()
+    ids: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # the conv outputs themselves, so that their ids stay theirs
+
+    def conv_hook(_m, _a, out, n):
+        if n not in outputs:
+            outputs[n], ids[id(out)] = out.detach().clone(), n
+            alive.append(out)
+
+    def norm_hook(_m, a, _o, n):
+        if n not in inputs:
+            inputs[n] = a[0].detach().clone()
+            if id(a[0]) in ids:
+                same.add((ids[id(a[0])], n))
+
+    handles = []
+    for name, m in unwrap(probe).named_modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(lambda _m, _a, out, n=name: conv_hook(_m, _a, out, n)))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            handles.append(m.register_forward_hook(lambda _m, a, _o, n=name: norm_hook(_m, a, _o, n)))
+    try:
+        with torch.no_grad():
+            features(probe, sample.to(next(probe.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(net.named_modules())
+    fallback = {id(bn): (name, conv) for name, conv, bn in conv_norm_pairs(model)}
+    fp_out = {n: _fingerprint(o) for n, o in outputs.items() if o.ndim == 4}
+    pooled: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    links = []
+    for norm_name, norm in modules.items():
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            continue
+        norm_in, found = inputs.get(norm_name), []
+        if norm_in is not None and norm_in.ndim == 4:
+            fp_in, (h, w) = _fingerprint(norm_in), norm_in.shape[2:]
+            for conv_name, conv_out in outputs.items():
+                if (conv_name, norm_name) in same:
+                    offsets = [0]
+                elif conv_name not in fp_out:
+                    continue
+                elif conv_out.shape[2:] == (h, w):
+                    offsets = _offsets(norm_in, fp_in, conv_out, fp_out[conv_name])
+                else:
+                    ch, cw = conv_out.shape[2:]
+                    if ch % h or cw % w or ch // h != cw // w:
+                        continue
+                    key = (conv_name, ch // h)
+                    if key not in pooled:
+                        out = F.avg_pool2d(conv_out, ch // h)
+                        pooled[key] = (out, _fingerprint(out))
+                    offsets = _offsets(norm_in, fp_in, *pooled[key])
+                found += [ConvNormLink(conv_name, modules[conv_name], norm_name, norm, o, True) for o in offsets]
+        if not found and id(norm) in fallback:
+            conv_name, conv = fallback[id(norm)]
+            found.append(ConvNormLink(conv_name, conv, norm_name, norm, 0, False))
+        links += found
+    order = {n: i for i, (n, _) in enumerate(net.named_modules())}
+    return sorted(links, key=lambda link: (order[link.norm_name], order[link.conv_name], link.offset))

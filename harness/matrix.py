@@ -238,7 +238,7 @@ def expand(spec: MatrixSpec) -> list[Job]:
                     return add(_make("train", f"train {ds.display}/{model.display}/clean/s{seed}", [],
                                      {**base, "attack": None, "role": "clean"},
                                      {"data": data, "model": mspec, "recipe": recipe, "attack": None, "seed": seed},
-                                     {"dataset": ds_version}))
+                                     {"dataset": ds_version, **model.versions}))
 
                 clean = clean_job() if needs_clean else None
                 for atk in spec.attacks:
@@ -258,12 +258,13 @@ def expand(spec: MatrixSpec) -> list[Job]:
                             p_attrs = {k: v for k, v in a_attrs.items() if k != "model"}
                         prep = add(_make("prepare", f"prepare {where}/{atk.display}/s{seed}", p_deps,
                                          {**p_attrs, "role": "resource"},
-                                         {"data": data, "attack": a_ref, "seed": seed, **p_payload}, a_versions))
+                                         {"data": data, "attack": a_ref, "seed": seed, **p_payload},
+                                         {**a_versions, **(model.versions if p_payload else {})}))
                         train_deps = [prep.key]
                     train = add(_make("train", f"train {ds.display}/{model.display}/{atk.display}/s{seed}",
                                       train_deps, {**a_attrs, "role": "attacked"},
                                       {"data": data, "model": mspec, "recipe": recipe, "attack": a_ref, "seed": seed},
-                                      a_versions))
+                                      {**a_versions, **model.versions}))
 
                     def purify(dfn: PluginRef) -> Job:
                         return add(_make("purify",

@@ -1,7 +1,13 @@
 """Models: everything through ``timm.create_model``, adapted to small inputs.
 
 The harness registers two models into timm's own registry (one namespace):
-``preact_resnet18`` (the papers' CIFAR model) and ``tiny_cnn`` (fast CPU tests).
+``preact_resnet18`` (the papers' CIFAR model, BackdoorBench's network
+parameter for parameter) and ``tiny_cnn`` (fast CPU tests). A registered model
+may declare an architecture version (:func:`model_version`), part of the keys
+of the jobs that build it. Small inputs: CNN stems lose their ImageNet
+downsampling (:func:`adapt_small_input`; timm's ``resnet18`` becomes the CIFAR
+ResNet-18), vision transformers get ``img_size`` and a small patch
+(:func:`vit_size_kwargs`).
 Every model is wrapped by :class:`Normalized`, so models take float images in
 ``[0, 1]`` and normalization travels inside the checkpoint.
 """
@@ -27,6 +33,10 @@ from .errors import HarnessError
 
 
 class PreActBlock(nn.Module):
+    """BackdoorBench's ``PreActBlock``: BN-ReLU-conv twice, a 1x1 conv shortcut
+    (in an ``nn.Sequential``, as there) taken after the first BN-ReLU when the
+    shape changes."""
+
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
@@ -37,7 +47,7 @@ class PreActBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.shortcut = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -49,28 +59,44 @@ class PreActBlock(nn.Module):
 
 class PooledLinearHead(nn.Module):
     """timm's classifier API (``forward_head``, ``get_classifier``,
-    ``reset_classifier``) over global average pooling and a linear ``fc``."""
+    ``reset_classifier``) over global average pooling and a linear layer, the
+    attribute named by ``head_name``."""
+
+    head_name = "fc"
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else self.get_classifier()(x)
 
     def get_classifier(self) -> nn.Module:
-        return self.fc
+        return getattr(self, self.head_name)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
+        setattr(self, self.head_name, nn.Linear(self.num_features, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
 class PreActResNet(PooledLinearHead):
-    """Pre-activation ResNet for 32x32 inputs (He et al., ECCV 2016), as used by
-    BackdoorBench and the papers; timm-style ``forward_features`` / ``fc``."""
+    """BackdoorBench's PreAct-ResNet (``models/preact_resnet.py``; He et al.,
+    ECCV 2016) for 32x32 inputs, layer for layer: a 3x3 stride-1 stem conv
+    (no BN, no pool), four stages of pre-activation blocks (64-128-256-512,
+    stride 1-2-2-2), global average pooling of the last block's output (a
+    residual sum: no final BN or ReLU) and a linear classifier ``linear``.
+    The state dict has BackdoorBench's key names (``conv1``, ``layer{i}.{j}.bn1``
+    ... ``shortcut.0``, ``linear``). timm-style ``forward_features`` (the
+    last block's output) / ``forward_head``.
+
+    ``arch_version`` is part of the keys of the jobs that build it
+    (:func:`model_version`): "2" is this network; "1" had an extra final
+    BatchNorm + ReLU before the pooling.
+    """
 
     family = "preact_resnet"
+    arch_version = "2"
+    head_name = "linear"
 
     def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3, **_: Any):
         super().__init__()
@@ -84,15 +110,12 @@ class PreActResNet(PooledLinearHead):
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn = nn.BatchNorm2d(512)
         self.num_features = 512
-        self.fc = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(512, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.relu(self.bn(x))
-
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
 class TinyCNN(PooledLinearHead):
@@ -123,9 +146,27 @@ def _strip_timm_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
+#: The models the harness registers into timm, by name (see :func:`model_version`).
+HARNESS_MODELS: dict[str, type[nn.Module]] = {"preact_resnet18": PreActResNet, "tiny_cnn": TinyCNN}
+
+
+def model_version(name: str) -> str | None:
+    """The architecture version a model registered by the harness declares
+    (its class's ``arch_version``), or None (timm's own models, and harness
+    models that declare none).
+
+    A declared version is part of the keys of the jobs that build the model
+    (train, and prepare jobs that train a clean model), so results of an
+    earlier revision of the architecture are recomputed, never reused.
+    """
+    cls = HARNESS_MODELS.get(name)
+    version = getattr(cls, "arch_version", None) if cls is not None else None
+    return None if version is None else str(version)
+
+
 @register_model
 def preact_resnet18(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
-    """PreAct-ResNet-18 for 32x32 inputs (BackdoorBench's default model)."""
+    """PreAct-ResNet-18 for 32x32 inputs: BackdoorBench's default model, parameter for parameter."""
     if pretrained:
         raise HarnessError("preact_resnet18 has no pretrained weights; set pretrained: false")
     return PreActResNet((2, 2, 2, 2), **_strip_timm_kwargs(kwargs))
@@ -209,8 +250,19 @@ class ModelSpec(BaseModel):
         pretrained: load timm's pretrained weights (downloaded when online).
         pretrained_file: or load them from this local file.
         kwargs: extra keyword arguments for ``timm.create_model``.
-        adapt_stem: remove ImageNet stem downsampling for inputs below 100 px.
+        adapt_stem: remove ImageNet stem downsampling for inputs below 100 px
+            (see :func:`adapt_small_input`; for vision transformers, a smaller
+            patch, see :func:`vit_size_kwargs`).
         label: names this entry in results (default: ``name``); not part of any job key.
+
+    Vision transformers (timm's ``vision_transformer``, ``deit``, ``eva``,
+    ``beit``, ``vision_transformer_relpos`` models) are built for the data
+    set's image size: unless ``kwargs`` sets them, ``img_size`` is the image
+    size and, below 100 px with ``adapt_stem``, ``patch_size`` is the largest
+    divisor of the image size not above image size / 8, so the token grid is
+    about 8x8 (32 px: patch 4, 8x8 tokens; 64 px: patch 8, 8x8 tokens); a
+    ``kwargs`` that sets ``img_size``, ``patch_size`` or ``dynamic_img_size``
+    turns the patch rule off (see :func:`vit_size_kwargs`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -230,6 +282,49 @@ class ModelSpec(BaseModel):
     @property
     def display(self) -> str:
         return self.label or self.name
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """``{"model": version}`` when the model declares an architecture
+        version (:func:`model_version`), else ``{}``: merged into the versions
+        of the jobs that build it, so keys of undeclared models are unchanged."""
+        version = model_version(self.name)
+        return {} if version is None else {"model": version}
+
+
+#: timm modules whose models take ``img_size`` and ``patch_size`` (the ViT family).
+VIT_MODULES = frozenset({"vision_transformer", "deit", "eva", "beit", "vision_transformer_relpos"})
+
+
+def is_vit(name: str) -> bool:
+    """Whether timm's model ``name`` is a vision transformer built from ``img_size`` and ``patch_size``."""
+    from timm.models import model_entrypoint
+
+    return model_entrypoint(name).__module__.rsplit(".", 1)[-1] in VIT_MODULES
+
+
+def vit_size_kwargs(name: str, image_size: int, kwargs: dict[str, Any], adapt: bool) -> dict[str, Any]:
+    """The ``img_size`` / ``patch_size`` keyword arguments a vision transformer
+    gets for ``image_size`` inputs besides the user's ``kwargs`` ({} for other models).
+
+    The rule: ``img_size`` is ``image_size`` unless ``kwargs`` sets
+    ``img_size`` or ``dynamic_img_size`` (timm's ViTs only accept the size they
+    were built for). When ``kwargs`` sets none of ``img_size``, ``patch_size``,
+    ``dynamic_img_size``, and with ``adapt`` and ``image_size`` below 100,
+    ``patch_size`` is the largest divisor of ``image_size`` not above
+    ``image_size // 8`` (at least 1): an 8x8 token grid at 32 px (patch 4) and
+    64 px (patch 8) instead of the 2x2 / 4x4 a 16-pixel patch leaves. A user
+    who sets any of them gets exactly what they set (so a spec that already
+    ran keeps its network).
+    """
+    if not is_vit(name):
+        return {}
+    out: dict[str, Any] = {}
+    if "img_size" not in kwargs and not kwargs.get("dynamic_img_size"):
+        out["img_size"] = image_size
+    if adapt and image_size < 100 and not {"img_size", "patch_size", "dynamic_img_size"} & set(kwargs):
+        out["patch_size"] = max(p for p in range(1, max(1, image_size // 8) + 1) if image_size % p == 0)
+    return out
 
 
 def check_model_name(name: str) -> None:
@@ -251,10 +346,16 @@ def create_model(spec: ModelSpec | str, num_classes: int, image_size: int,
 
     ``mean``/``std`` are the normalization constants (the training set's
     statistics); pretrained models use their own (from timm's pretrained cfg).
+    Below 100 px (with ``spec.adapt_stem``), CNN stems lose their ImageNet
+    downsampling (:func:`adapt_small_input`). Vision transformers are built
+    for ``image_size`` (``img_size``) and, below 100 px with ``adapt_stem``,
+    with a patch of about image_size / 8 pixels (:func:`vit_size_kwargs`; 32 px:
+    patch 4, an 8x8 token grid), unless ``spec.kwargs`` sets them.
     """
     spec = ModelSpec.model_validate(spec)
     check_model_name(spec.name)
-    kwargs = dict(spec.kwargs)
+    vit_kwargs = vit_size_kwargs(spec.name, image_size, spec.kwargs, spec.adapt_stem)
+    kwargs = {**vit_kwargs, **spec.kwargs}
     pretrained = spec.pretrained or spec.pretrained_file is not None
     if spec.pretrained_file is not None:
         if not Path(spec.pretrained_file).exists():
@@ -279,7 +380,8 @@ def create_model(spec: ModelSpec | str, num_classes: int, image_size: int,
     if pretrained:
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         mean, std = cfg.get("mean", mean), cfg.get("std", std)
-    if spec.adapt_stem and image_size < 100 and not adapt_small_input(net, family):
+    if spec.adapt_stem and image_size < 100 and not is_vit(spec.name) \
+            and not adapt_small_input(net, family):
         import warnings
 
         warnings.warn(f"no small-input stem adaptation known for {spec.name!r} ({family}); using it as is")

@@ -13,7 +13,7 @@ from backdoor_harness.data import ImageSet
 from backdoor_harness.errors import HarnessError
 from backdoor_harness.layers import conv_norm_pairs, unwrap
 from backdoor_harness.models import create_model
-from backdoor_harness.plugins.defenses.clp import CLP, channel_lipschitz, clp_prune, outlying_channels
+from backdoor_harness.plugins.defenses.clp import CLP, channel_lipschitz, clp_links, clp_prune, outlying_channels
 
 from helpers import CLASSES, check_contract, context, noise_set, tiny
 
@@ -171,3 +171,69 @@ def test_a_model_without_conv_bn_pairs_is_refused():
                         "adapt_stem": False}, 10, 32)
     with pytest.raises(HarnessError, match="no convolution followed by a BatchNorm"):
         CLP().purify(vit, context(vit, noise_set(10)))
+
+
+# --------------------------------------------------------------------------
+# The pairing through the data flow; DenseNet
+# --------------------------------------------------------------------------
+
+
+def small_densenet():
+    torch.manual_seed(0)
+    return create_model({"name": "densenet121", "kwargs": {"growth_rate": 16, "block_config": [2, 2]}}, 10, 32).eval()
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "preact_resnet18", "resnet18",
+                                  pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+                                  pytest.param("mobilenetv3_large_100", marks=pytest.mark.slow),
+                                  pytest.param("vgg11_bn", marks=pytest.mark.slow)])
+def test_links_are_the_module_order_pairs_on_conv_bn_networks(name):
+    """Version 1 paired in module order; on every family it declared the links are the same pairs."""
+    torch.manual_seed(0)
+    model = create_model(name, 10, 32).eval()
+    names = {id(m): n for n, m in unwrap(model).named_modules()}
+    old = [(c, names[id(b)]) for c, _, b in conv_norm_pairs(model)]
+    links = clp_links(model)
+    assert sorted((l.conv_name, l.norm_name) for l in links) == sorted(old)
+    assert all(l.offset == 0 for l in links)
+    # the pre-activation blocks' bn1 (conv + shortcut) keep their approximate pair; the rest is exact
+    assert all(l.exact for l in links) == (name != "preact_resnet18")
+
+
+def test_densenet_links_follow_the_concatenation():
+    model = small_densenet()
+    links = {(l.conv_name, l.norm_name): l.offset for l in clp_links(model)}
+    b1 = "features.denseblock1."
+    # stem: 32 channels (2 x growth); layer 1's new 16 channels come after them in every later reader
+    assert links[(b1 + "denselayer1.conv2", b1 + "denselayer2.norm1")] == 32
+    assert links[(b1 + "denselayer1.conv2", "features.transition1.norm")] == 32
+    assert links[(b1 + "denselayer2.conv2", "features.transition1.norm")] == 48
+    assert links[(b1 + "denselayer1.conv1", b1 + "denselayer1.norm2")] == 0
+    assert links[("features.conv0", "features.norm0")] == 0
+    # the transition's conv reaches the next block through its 2x2 average pool
+    b2 = "features.denseblock2."
+    assert links[("features.transition1.conv", b2 + "denselayer1.norm1")] == 0
+    assert links[("features.transition1.conv", b2 + "denselayer2.norm1")] == 0
+    assert links[("features.transition1.conv", "features.norm5")] == 0
+    # the block's input (relu(norm0(conv0))) is no conv's output: conv0 reaches no norm1
+    assert (("features.conv0", b1 + "denselayer1.norm1") not in links
+            and ("features.conv0", b1 + "denselayer2.norm1") not in links)
+
+
+def test_a_planted_densenet_channel_is_pruned_in_every_reader():
+    model = small_densenet()
+    conv = dict(unwrap(model).named_modules())["features.denseblock1.denselayer1.conv2"]
+    with torch.no_grad():
+        conv.weight[5] *= 50
+    readers = {l.norm_name: l.offset for l in clp_links(model)
+               if l.conv_name == "features.denseblock1.denselayer1.conv2"}
+    assert set(readers) == {"features.denseblock1.denselayer2.norm1", "features.transition1.norm"}
+    defense = CLP()
+    out = defense.purify(model, context(model, noise_set(10)))
+    modules = dict(unwrap(out).named_modules())
+    for norm_name, offset in readers.items():
+        assert offset + 5 in defense.last_report["pruned"][norm_name]
+        assert modules[norm_name].weight[offset + 5] == 0 and modules[norm_name].bias[offset + 5] == 0
+    with torch.no_grad():
+        assert torch.isfinite(out(torch.rand(2, 3, 32, 32))).all()
+    assert "densenet" in CLP.families and CLP.version == "2"

@@ -244,3 +244,23 @@ def test_defaults_and_validation():
         with pytest.raises(ValueError):
             FinePruning.Config(**bad)
     assert "vision_transformer" not in FinePruning.families and "tiny_cnn" in FinePruning.families
+
+
+def test_densenet_prunes_through_its_classifier():
+    """DenseNet (version 2): phi is norm5's BN-ReLU output over the concatenated
+    channels, pooled into ``classifier``; the pruned columns stay zero after fine-tuning."""
+    torch.manual_seed(0)
+    model = create_model({"name": "densenet121", "kwargs": {"growth_rate": 8, "block_config": [2, 2]}}, 10, 32)
+    model = model.eval()
+    defense = FinePruning(epochs=1, batch_size=16, prune_step_ratio=0.25, acc_ratio=1.0, val_ratio=0.5)
+    assert defense.supports(model.family) and FinePruning.version == "2"
+    out = defense.purify(model, context(model, noise_set(40)))
+    report = defense.last_report
+    assert report["layer"] == "classifier" and report["channels"] == unwrap_features(model)
+    assert report["pruned"]  # acc_ratio 1: every step passes
+    assert not out.net.classifier.weight[:, report["pruned"]].any()
+
+
+def unwrap_features(model) -> int:
+    with torch.no_grad():
+        return features(model, torch.rand(1, 3, 32, 32)).shape[1]

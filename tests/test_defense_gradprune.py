@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import backdoor_harness as bh
 from backdoor_harness.data import ImageSet
+from backdoor_harness.models import create_model
 from backdoor_harness.plugins.defenses.gradprune import (FilterMask, GradPrune, feature_convs, filter_scores,
                                                          prune_loop, select_filter)
 
@@ -46,8 +47,9 @@ def test_needs_follow_the_trigger_source():
 def test_inverted_trigger_runs_without_the_attack():
     model = tiny()
     given = {k: v.clone() for k, v in model.state_dict().items()}
+    # colour_set's images are 8x8: the small generator (the U-Net needs sides that are multiples of 16)
     defense = GradPrune(trigger="inverted", max_prune_steps=2, tune_epochs=1, mask_epochs=1, generator_epochs=1,
-                        generator_width=4, batch_size=64)
+                        generator="small", generator_width=4, batch_size=64)
     out = defense.purify(model, context(model, colour_set(20)))  # ctx.attack is None
     assert out(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())
@@ -292,3 +294,27 @@ def test_defaults_follow_the_code():
         with pytest.raises(ValueError):
             GradPrune.Config(**bad)
     assert "vision_transformer" not in GradPrune.families and GradPrune().supports("tiny_cnn")
+
+
+def test_densenet_end_to_end():
+    """DenseNet (version 2): every conv of the dense layers is a candidate; a
+    growth conv (concatenated, no exact BN) is zeroed alone, a bottleneck conv
+    with its norm2 channel."""
+    torch.manual_seed(0)
+    model = create_model({"name": "densenet121", "kwargs": {"growth_rate": 8, "block_config": [2, 2]}}, 10, 32)
+    model = model.eval()
+    layers = {l.conv: l.norm for l in feature_convs(model, torch.rand(2, 3, 32, 32))}
+    b1 = "features.denseblock1.denselayer1."
+    assert layers[b1 + "conv1"] == b1 + "norm2" and layers[b1 + "conv2"] is None
+    assert layers["features.conv0"] == "features.norm0"
+    defense = GradPrune(max_prune_steps=3, tune_epochs=1, accuracy_threshold=1.0, batch_size=16)
+    assert defense.supports(model.family) and GradPrune.version == "2"
+    out = defense.purify(model, context(model, colour_set(20, size=32), attack=bh.create_attack("badnets")))
+    assert defense.last_report["tried"] == 3
+    mods = dict(out.net.named_modules())
+    for conv, k in defense.last_report["pruned"]:
+        assert not mods[conv].weight[k].any()
+        if layers[conv] is not None:
+            assert mods[layers[conv]].weight[k] == 0
+    with torch.no_grad():
+        assert torch.isfinite(out(torch.rand(2, 3, 32, 32))).all()

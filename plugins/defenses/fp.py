@@ -9,8 +9,9 @@ The pruned units are the channels of the LAST feature map, f = phi(x) (timm's
 ``forward_features``, ``layers.features``), the layer the paper prunes ("the
 later convolutional layers"). A channel is pruned in the weights of the
 head's input layer g: the first Linear or Conv2d that ``forward_head`` runs on
-f (a pooled ``fc`` for ResNet, PreAct-ResNet, MobileNetV2/EfficientNet and
-the tiny CNN; ``conv_head`` for MobileNetV3; the 7x7 ``pre_logits.fc1`` for
+f (a pooled ``fc`` for ResNet, MobileNetV2/EfficientNet and the tiny CNN,
+``linear`` for PreAct-ResNet, ``classifier`` for DenseNet; ``conv_head`` for
+MobileNetV3; the 7x7 ``pre_logits.fc1`` for
 timm's VGG). Zeroing g's input weights of channel k (``weight[:, k]``) removes
 channel k from everything the network computes after phi, exactly as if f_k
 were 0, provided the head only applies per-channel operations (pooling,
@@ -64,7 +65,13 @@ Departures:
 - Fine-tuning runs through the harness's ``fit`` (on CUDA: bf16 autocast,
   channels_last); BackdoorBench uses AMP too.
 - Families: the convolutional families whose head pools phi before a linear
-  or convolutional layer. Vision transformers are not declared: their last
+  or convolutional layer: ResNet, PreAct-ResNet, VGG-BN, EfficientNet,
+  MobileNetV3, DenseNet (its last feature map is the final norm's BN-ReLU
+  output over the concatenated channels, pooled into ``classifier``; the
+  concatenation happens before phi, so each of phi's channels is still one
+  weight column of the head) and the tiny CNN. Version 2 declares DenseNet
+  (version 1 skipped it; the bump makes its skipped cells run).
+  Vision transformers are not declared: their last
   features are LayerNorm outputs of either sign, so "low mean activation"
   does not mean "dormant", the premise of the defense (and timm's ViT with
   average pooling applies a LayerNorm before its head, which mixes channels).
@@ -300,12 +307,12 @@ class FinePruning(Defense):
     "stop": why pruning stopped}."""
 
     name = "fp"
-    version = "1"
+    version = "2"
     summary = "Fine-Pruning: prune the last feature map's least active channels, then fine-tune (kept pruned)"
     paper = ("Liu, Dolan-Gavitt, Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
              "Networks, RAID 2018; BackdoorBench defense/fp.py")
     Config = FinePruningConfig
-    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "tiny_cnn"})
+    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "densenet", "tiny_cnn"})
 
     last_report: dict | None = None
 

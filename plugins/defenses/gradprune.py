@@ -77,6 +77,20 @@ Departures (from the authors' code; none changes the paper's algorithm):
   normalises conv + shortcut). The code zeroes index k of "the next
   registered parameter" (the bias, a BatchNorm weight, or in the
   bias-free PreActResNet a shortcut filter or the next block's bn1 weight).
+- DenseNet: a dense layer's new channels (its ``conv2``) reach the later
+  layers through a concatenation, normalized there by each reader's own
+  ``norm1``; no BatchNorm takes exactly that conv's output, so pruning such a
+  filter zeroes the filter only (every reader's BN then sees a zero channel
+  and outputs its constant shift, as for a PreAct block's ``conv2`` whose
+  next BN also normalizes the shortcut). The bottleneck ``conv1`` and the stem
+  conv have their exact BN (``norm2``, ``norm0``). The code's "next
+  registered parameter" rule would zero a channel of the NEXT layer's
+  ``norm1`` that belongs to the block's input, not to the pruned filter.
+  Version 2 declares DenseNet (version 1 skipped it; the bump makes its
+  skipped cells run).
+- Families: vision transformers are not declared: the only Conv2d a ViT runs
+  is its patch embedding, so "the conv filters" would be the patch
+  projection alone, not the paper's pruning of a CNN's convolutional layers.
 - Conv filters are those run by ``forward_features``: 1x1/7x7 convs that act
   as dense layers on pooled features in timm's heads (VGG's ``pre_logits``,
   MobileNetV3's ``conv_head``) are not scored, as the BackdoorBench models'
@@ -380,12 +394,12 @@ class GradPrune(Defense):
     validation clean CE}."""
 
     name = "gradprune"
-    version = "1"
+    version = "2"
     summary = "Grad-Prune: prune conv filters by |grad| of CE(triggered, true label), then fine-tune with patience"
     paper = ("Dunnett et al., Unlearning Backdoor Attacks through Gradient-Based Model Pruning, "
              "arXiv:2405.03918, 2024 (github.com/WhoDunnett/Grad-Prune)")
     Config = GradPruneConfig
-    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "tiny_cnn"})
+    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "densenet", "tiny_cnn"})
 
     last_report: dict | None = None
 

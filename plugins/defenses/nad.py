@@ -54,7 +54,7 @@ Departures:
   loss that is always 0); on the other models one prefix, all children but
   the classifier (on torchvision's ResNet-18 that also ends at the 1x1 pool).
   Here the last three spatial stages, found generically (above), for every
-  architecture (on PreAct-ResNet-18: layer2, layer3 and relu(bn(layer4))).
+  architecture (on PreAct-ResNet-18: layer2, layer3 and layer4).
 - Attention map: the mean over channels rather than the code's sum; after the
   L2 normalisation the two are the same map (up to the 1e-6 guard).
 - Optimiser: the harness's ``fit`` (plain SGD, no Nesterov; the authors' code
