@@ -149,7 +149,9 @@ def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[di
         key = (source, a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"])
         deps = _get(rec, "deps") or []
         train, purify = (by_key.get(deps[i]) if len(deps) > i else None for i in (0, 1))
-        cell = cells.setdefault(key, {"dataset": key[1], "model": key[2], "poison_rate": key[3],
+        revision = (_get(train, "versions") or {}).get("model") if train is not None else None
+        key = key + (revision,)  # two revisions of one architecture never share a cell
+        cell = cells.setdefault(key, {"model_revision": revision, "dataset": key[1], "model": key[2], "poison_rate": key[3],
                                       "attack": key[4], "defense": key[5], "metrics": {}, "seeds": set(),
                                       "status": {}, "oracle": purify is not None and _needs_oracle(purify),
                                       "setup": cell_setup(_as_dict(train), _as_dict(purify)), "evaluator_of": {},
@@ -274,9 +276,10 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
     index_reported = _reported_index(reported)
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        groups.setdefault((c.get("source"), c["dataset"], c["model"], c["poison_rate"]), []).append(c)
+        groups.setdefault((c.get("source"), c["dataset"], c["model"], c["poison_rate"], c["model_revision"]),
+                          []).append(c)
     out = []
-    for (source, dataset, model, rate), group in groups.items():
+    for (source, dataset, model, rate, revision), group in groups.items():
         attacks = list(dict.fromkeys(c["attack"] for c in group))
         defenses = _order(list(dict.fromkeys(c["defense"] for c in group)))
         index = {(c["defense"], c["attack"]): c for c in group}
@@ -325,9 +328,21 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
         for why, where in unmatched.items():
             notes.append(f"paper numbers not shown for {', '.join(where)}: different setup: {'; '.join(why)}")
         seeds = sorted({s for c in group for s in c["seeds"]})
-        out.append({"dataset": dataset, "model": model, "poison_rate": rate, "seeds": seeds, "attacks": attacks,
+        out.append({"dataset": dataset, "model": model, "model_revision": revision,
+                    "installed_revision": installed_revision(model), "poison_rate": rate, "seeds": seeds,
+                    "attacks": attacks,
                     "columns": shown, "rows": rows, "notes": notes, **({"source": source} if source else {})})
     return out
+
+
+def installed_revision(model: str) -> str | None:
+    """The architecture version of the installed model of that name (None: timm's own, or unknown)."""
+    try:
+        from ..models import model_version
+
+        return model_version(model)
+    except Exception:
+        return None
 
 
 def title(board: dict) -> str:
@@ -335,7 +350,11 @@ def title(board: dict) -> str:
     rate_s = f"poison rate {100 * rate:g}%" if rate is not None else "poison rate ?"
     seeds = ", ".join(map(str, board["seeds"])) or "-"
     where = f"{board['source']}: " if board.get("source") else ""
-    return f"{where}{board['dataset']} / {board['model']} / {rate_s} (seeds {seeds}; rates in %)"
+    model = board["model"]
+    if board.get("installed_revision") is not None and board.get("model_revision") != board["installed_revision"]:
+        model += (f" [architecture revision {board.get('model_revision') or 1}, not the installed "
+                  f"{board['installed_revision']}]")
+    return f"{where}{board['dataset']} / {model} / {rate_s} (seeds {seeds}; rates in %)"
 
 
 def fmt_value(value: float | None, key: str) -> str:

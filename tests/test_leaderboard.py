@@ -270,3 +270,16 @@ def test_a_cells_substitute_follows_the_config_it_ran_with():
     why = differences(paper, cell("blended", {"pattern": "gaussian", "alpha": 0.1, "test_alpha": 0.2}))
     assert not any("blended" in w for w in why), why
     assert "blended.alpha 0.2 (the paper's 0.1)" in differences(paper, cell("blended", {"pattern": "gaussian"}))
+
+
+def test_two_revisions_of_a_model_never_share_a_board():
+    old = cell_records(defense_config={"rho": 0.9})
+    new = cell_records(defense_config={"rho": 0.9}, epochs=99, model_versions={"model": "2"})
+    for rec in old + new:
+        if "model" in rec["attrs"]:
+            rec["attrs"]["model"] = "preact_resnet18"
+        if rec["kind"] == "train":
+            rec["config"]["model"] = {"name": "preact_resnet18"}
+    titles = [b.splitlines()[0] for b in render(old + new, "text", reported=[]).split("\n\n") if " / " in b]
+    assert titles == ["d / preact_resnet18 [architecture revision 1, not the installed 2] / poison rate 10% "
+                      "(seeds 0; rates in %)", "d / preact_resnet18 / poison rate 10% (seeds 0; rates in %)"]

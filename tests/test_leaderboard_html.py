@@ -211,8 +211,10 @@ def _severe(session) -> list[str]:
 
 
 def _defenses(session) -> list[str]:
-    return session("POST", "/execute/sync", {"script": "return Array.from(document.querySelector('table').tBodies[0]"
+    """The defense names of the first table's rows, in their order (an oracle row's mark left out)."""
+    names = session("POST", "/execute/sync", {"script": "return Array.from(document.querySelector('table').tBodies[0]"
                                                        ".rows, r => r.cells[0].textContent)", "args": []})
+    return [name.removesuffix(" (oracle)") for name in names]
 
 
 def _click(session, css: str) -> None:
