@@ -30,7 +30,7 @@ from html import escape
 from typing import Any, Iterable
 
 from .plots import curves
-from .render import LEGEND, column, fmt_value, title
+from .render import LEGEND, column, fmt_value, group_name, title
 
 #: colours of the defenses, in order of first appearance on the page: Tableau 10, then the rest of
 #: Tableau 20 (so 20 defenses before a colour repeats)
@@ -162,7 +162,7 @@ def _head(board: dict) -> str:
     """Two header rows: the attack groups, then their metric columns; defense, cost and device span both."""
     groups, metrics = _groups(board), board["columns"]
     top = [_sort_th(0, "defense", "text", "ascending", ' rowspan="2"')]
-    top += [f'<th class="grp" colspan="{len(metrics)}">{_e(g)}</th>' for g in groups]
+    top += [f'<th class="grp" colspan="{len(metrics)}">{_e(group_name(board, g))}</th>' for g in groups]
     n = 1 + len(groups) * len(metrics)
     top += [_sort_th(n, "cost (s)", "num", "ascending", ' rowspan="2"'),
             _sort_th(n + 1, "device", "text", "ascending", ' rowspan="2"')]

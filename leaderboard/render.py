@@ -69,6 +69,8 @@ BY_METRIC = {c.metric: c for c in COLUMNS}
 FIRST_ROWS = ("none", "ep")
 #: the row that is the reference, not a contender for "best"
 REFERENCE_ROW = "none"
+#: marks an attack whose trigger is a substitute (its plugin's ``substitute``), in headers and notes
+SUBSTITUTE_MARK = "†"
 #: the published numbers shipped with the leaderboard
 REPORTED_FILE = Path(__file__).with_name("reported.yaml")
 
@@ -270,7 +272,7 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
     Each board: ``dataset, model, poison_rate, seeds, attacks, columns`` (metric keys shown),
     ``rows`` (per defense: ``cells[attack][metric]`` and ``avg[metric]`` entries of
     ``{value, status, reported, source, best}``, ``cost_s`` (mean over attacks), ``cell_cost_s[attack]``,
-    ``device``, ``oracle``) and ``notes``
+    ``device``, ``oracle``), ``substitutes`` (attack -> what replaces its reference trigger) and ``notes``
     (why a cell has no number, and which fields keep a paper's number from a cell)."""
     cells = collect(records, sources)
     index_reported = _reported_index(reported)
@@ -325,10 +327,14 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
                 _mark_best(rows, lambda r, atk=atk, m=m: r["cells"][atk][m])
             if len(attacks) > 1:
                 _mark_best(rows, lambda r, m=m: r["avg"][m])
+        substitutes = {c["attack"]: c["setup"]["attack_substitute"] for c in group
+                       if c.get("setup") and c["setup"].get("attack_substitute")}
+        for atk, what in substitutes.items():
+            notes.append(f"{atk}{SUBSTITUTE_MARK}: a substitute trigger: {what}")
         for why, where in unmatched.items():
             notes.append(f"paper numbers not shown for {', '.join(where)}: different setup: {'; '.join(why)}")
         seeds = sorted({s for c in group for s in c["seeds"]})
-        out.append({"dataset": dataset, "model": model, "model_revision": revision,
+        out.append({"substitutes": substitutes, "dataset": dataset, "model": model, "model_revision": revision,
                     "installed_revision": installed_revision(model), "poison_rate": rate, "seeds": seeds,
                     "attacks": attacks,
                     "columns": shown, "rows": rows, "notes": notes, **({"source": source} if source else {})})
@@ -376,6 +382,11 @@ def fmt_entry(entry: dict, fmt: str = "text") -> str:
     return text
 
 
+def group_name(board: dict, group: str) -> str:
+    """An attack's column group, marked when its trigger is a substitute (the note says which)."""
+    return group + (SUBSTITUTE_MARK if group in board.get("substitutes", {}) else "")
+
+
 def row_name(row: dict) -> str:
     """A row's defense, marked when it is an oracle (it uses the real trigger: never "best")."""
     return f"{row['defense']} (oracle)" if row.get("oracle") else row["defense"]
@@ -389,7 +400,7 @@ def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str
     for atk in board["attacks"]:
         for row in board["rows"]:
             cost = row["cell_cost_s"].get(atk)
-            rows.append([atk, row_name(row)] + [fmt_entry(row["cells"][atk][m], fmt) for m in board["columns"]]
+            rows.append([group_name(board, atk), row_name(row)] + [fmt_entry(row["cells"][atk][m], fmt) for m in board["columns"]]
                         + [f"{cost:.1f}" if cost is not None else "—", ", ".join(row["device"]) or "—"])
     return headers, rows
 
@@ -397,7 +408,7 @@ def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str
 def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     """Headers and rows of one board for tabulate."""
     groups = board["attacks"] + (["avg"] if len(board["attacks"]) > 1 else [])
-    headers = ["defense"] + [f"{g} {column(m).title}" for g in groups for m in board["columns"]]
+    headers = ["defense"] + [f"{group_name(board, g)} {column(m).title}" for g in groups for m in board["columns"]]
     headers += ["cost (s)", "device"]
     rows = []
     for row in board["rows"]:
@@ -411,7 +422,8 @@ def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
 
 
 LEGEND = ("best value of a column among the defenses marked {best} (the undefended row and oracle rows, which "
-          "use the real trigger, are never marked); a number in parentheses is the one a paper reports for the "
+          "use the real trigger, are never marked); an attack marked " + SUBSTITUTE_MARK + " runs a substitute "
+          "trigger (the notes say what replaces the paper's); a number in parentheses is the one a paper reports for the "
           "cell, shown only where the cell ran that paper's setup (sources: leaderboard/reported.yaml, setups: "
           "leaderboard/setups.yaml; the notes under a board name the fields that differ); cost = mean wall seconds "
           "of the defense's purify jobs")

@@ -168,7 +168,7 @@ def test_substitute_attacks_and_stale_models_never_match(monkeypatch):
     monkeypatch.setattr(setups, "_substitute", lambda ref: "own encoder, not the paper's")
     (board,) = boards(recs, [reported_entry()])
     assert board["rows"][0]["cells"]["a"]["asr"]["reported"] is None
-    assert "attack a is a substitute (own encoder, not the paper's)" in board["notes"][0]
+    assert any("attack a is a substitute (own encoder, not the paper's)" in n for n in board["notes"])
     monkeypatch.setattr(setups, "_substitute", lambda ref: None)
     monkeypatch.setattr(setups, "_model_version", lambda name: "2")
     (board,) = boards(recs, [reported_entry()])
@@ -283,3 +283,13 @@ def test_two_revisions_of_a_model_never_share_a_board():
     titles = [b.splitlines()[0] for b in render(old + new, "text", reported=[]).split("\n\n") if " / " in b]
     assert titles == ["d / preact_resnet18 [architecture revision 1, not the installed 2] / poison rate 10% "
                       "(seeds 0; rates in %)", "d / preact_resnet18 / poison rate 10% (seeds 0; rates in %)"]
+
+
+def test_a_substitute_trigger_is_marked_in_the_header_and_named_in_the_notes(monkeypatch):
+    from backdoor_harness.leaderboard import setups
+
+    monkeypatch.setattr(setups, "_substitute", lambda ref: "own encoder" if ref["name"] == "a" else None)
+    recs = cell_records(defense_config={"rho": 0.9}) + cell_records(attack="b", defense_config={"rho": 0.9})
+    md = render(recs, "markdown", reported=[])
+    assert "| a† C-Acc" not in md and "a† ASR" in md and "b ASR" in md and "b† ASR" not in md
+    assert "- a†: a substitute trigger: own encoder" in md
