@@ -8,12 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backdoor_harness.data import ImageSet
+from backdoor_harness.errors import HarnessError
 from backdoor_harness.models import create_model
+from backdoor_harness.plugins.defenses.btidbf import InversionConfig
 from backdoor_harness.plugins.defenses.pam import PAM, PathAwareLoss
 
-from helpers import check_contract, context, moved, noise_set, one_step, tiny
+from helpers import CLASSES, check_contract, context, moved, noise_set, one_step, tiny
 
-QUICK = dict(rounds=2, epochs=1, mask_epochs=1, generator_epochs=2, generator_width=4, batch_size=64)
+QUICK = dict(rounds=2, epochs=1, mask_epochs=1, generator_epochs=2, pretrain_epochs=1, generator_width=4,
+             batch_size=64)
+#: our small generator with the hard bound and no pre-training (BTI-DBF version 1's inversion)
+SMALL = dict(generator="small", bound="hard", pretrain_epochs=0)
 
 
 def test_interpolated_step_equals_a_hand_computation():
@@ -72,9 +78,10 @@ def test_first_step_at_w0_is_plain_sgd():
     assert all(torch.equal(p, q) for p, q in zip(pam.state_dict().values(), plain.state_dict().values()))
 
 
-def test_contract_on_the_tiny_model():
+@pytest.mark.parametrize("form", [dict(generator="unet"), SMALL], ids=["unet-soft", "small-hard"])
+def test_contract_on_the_tiny_model(form):
     model = tiny()
-    defense = PAM(PAM.Config(**QUICK))
+    defense = PAM(PAM.Config(**{**QUICK, **form}))
     check_contract(model, defense, lambda seed: defense.purify(model, context(model, n=200, seed=seed)),
                    seeds_differ=True)
     assert PAM.Config(epochs=1).epochs == 1
@@ -89,6 +96,21 @@ def test_defaults_follow_the_code():
     assert (cfg.rho, cfg.lr, cfg.momentum, cfg.weight_decay) == (0.5, 0.01, 0.1, 0.0)
     assert (cfg.rounds, cfg.epochs, cfg.poison_fraction, cfg.batch_size) == (3, 30, 0.2, 128)
     assert (cfg.mask_epochs, cfg.generator_epochs, cfg.norm_bound) == (20, 30, 0.3)
+    # BTI-DBF's generator as the code: the 4-level U-Net of width 32, pre-trained 50 epochs, soft bound
+    assert (cfg.generator, cfg.bound, cfg.pretrain_epochs, cfg.width) == ("unet", "soft", 50, 32)
+    assert isinstance(cfg, InversionConfig) and PAM.version == "2"
+
+
+def test_generator_options_reach_the_inversion():
+    # 30x30 images: the U-Net (the default) refuses them before any training, the small generator takes them
+    model = tiny(image_size=30)
+    reserve = ImageSet(torch.randint(0, 256, (40, 3, 30, 30), generator=torch.Generator().manual_seed(0),
+                                     dtype=torch.uint8), torch.arange(40) % 10, CLASSES)
+    quick = dict(rounds=1, epochs=1, mask_epochs=1, generator_epochs=1, generator_width=4, batch_size=20)
+    with pytest.raises(HarnessError, match="generator: small"):
+        PAM(**quick).purify(model, context(model, reserve))
+    out = PAM(**quick, **SMALL).purify(model, context(model, reserve))
+    assert out(torch.rand(2, 3, 30, 30)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow),
@@ -96,7 +118,8 @@ def test_defaults_follow_the_code():
 def test_runs_on_other_families(name):
     torch.manual_seed(0)
     model = create_model(name, 10, 32).eval()
-    out = PAM(rounds=1, epochs=1, mask_epochs=1, generator_epochs=1, generator_width=4, batch_size=20).purify(
+    out = PAM(rounds=1, epochs=1, pretrain_epochs=1, mask_epochs=1, generator_epochs=1, generator_width=4,
+              batch_size=20).purify(
         model, context(model, noise_set(40)))
     assert out.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     torch.manual_seed(1)

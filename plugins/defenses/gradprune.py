@@ -44,8 +44,11 @@ Trigger source (``trigger``):
   synthesize backdoor inputs using any relevant state-of-the-art synthesis
   approach"): x~ = G(x), G trained by one round of BTI-DBF's trigger
   inversion (:func:`backdoor_harness.plugins.defenses.btidbf.invert_triggers`,
-  with its settings, inherited below) on the training part of the reserve;
-  no oracle needed.
+  with its settings, inherited below, including its generator options:
+  the authors' U-Net with a soft bound and 50 pre-training epochs by
+  default, ``generator: small`` for the fast one) on the training part of
+  the reserve; no oracle needed. Version 2 took BTI-DBF's new default
+  generator, so ``inverted`` results differ from version 1's.
 The default is ``oracle`` because every number the paper reports (Tables I,
 II) was produced that way, and the harness's defaults reproduce the papers'
 settings; that is an upper bound on what a defender can do. ``inverted`` is

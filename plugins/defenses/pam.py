@@ -8,7 +8,9 @@ class PAM, launched by ``defense.sh`` (facts in shared/reference/algorithms.md
 inverted triggers come from :mod:`backdoor_harness.plugins.defenses.btidbf`.
 
 Algorithm:
-1. copy the attacked model; keep W0, its parameters, frozen;
+1. copy the attacked model; keep W0, its parameters, frozen; build BTI-DBF's
+   trigger generator G and pre-train it towards the identity
+   (``pretrain_epochs``, as BTI-DBF's step 1);
 2. for each of ``rounds`` rounds:
    a. invert triggers with BTI-DBF on a copy of the current model (decouple
       benign features, train the generator G; from round 2 on G is also
@@ -31,13 +33,18 @@ and SSBA and 0.9 for BadNets and LC, but a defense does not know the attack);
 SGD lr 0.01, momentum 0.1, no weight decay, no schedule, batch 128; 3 rounds
 of 30 epochs (``defense.sh``: ``nround`` 3, ``ul_round`` 30); 20% + 1
 generated images per batch; CE only (BTI-DBF(U)'s feature-MSE term is
-dropped by the code); inversion as BTI-DBF (20 decoupling epochs, 30
-generator epochs, norm bound 0.3, feat bound 3).
+dropped by the code); inversion as BTI-DBF (the code's 4-level U-Net of
+width 32, pre-trained 50 epochs; 20 decoupling epochs, 30 generator epochs;
+soft bound, norm bound 0.3, feat bound 3). The generator options of
+BTI-DBF's :class:`~backdoor_harness.plugins.defenses.btidbf.InversionConfig`
+are inherited: ``generator: small``, ``bound: hard`` and ``pretrain_epochs``
+select our cheaper form for CPU runs (``generator: small, bound: hard,
+pretrain_epochs: 0`` is version 1 of this plugin).
 
 Departures:
-- The inversion carries BTI-DBF's departures (our small residual generator,
-  started at the identity instead of 50 pretraining epochs; a hard per-image
-  norm bound; the model's own normalisation): see the btidbf module.
+- The inversion carries BTI-DBF's departures (pre-training inside the defense,
+  on the reserve; the model's own normalisation; uint8 outputs clamped): see
+  the btidbf module.
 - The perturbed pass uses ``torch.func.functional_call`` with W + e instead of
   writing W + e into the weights and restoring them: the same gradient, and
   BN's running buffers are updated at W + e, as in the code.
@@ -122,7 +129,7 @@ class PathAwareLoss:
 
 class PAM(Defense):
     name = "pam"
-    version = "1"
+    version = "2"  # 2: BTI-DBF's generator is the code's pre-trained U-Net with the soft bound by default
     summary = "Path-Aware Minimization: BTI-DBF data, gradients taken at W + rho (W0 - W)/||W0 - W||"
     paper = ("Min, Qin et al., Uncovering, Explaining, and Mitigating the Superficial Safety of Backdoor "
              "Defense, NeurIPS 2024 (Algorithm 1)")
