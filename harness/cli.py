@@ -1,4 +1,4 @@
-"""The ``harness`` command: list, validate, run, golden, status, show, export, leaderboard."""
+"""The ``harness`` command: list, validate, run, golden, preflight, status, show, export, leaderboard."""
 
 from __future__ import annotations
 
@@ -188,6 +188,12 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_preflight(args) -> int:
+    from .preflight import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Benchmark backdoor attacks and purification defenses.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--no-progress", action="store_true", help="no progress meter")
     s.set_defaults(func=cmd_golden)
+    s = sub.add_parser("preflight", help="every plugin in one tiny job on a device, within a time budget "
+                                         "(python -m backdoor_harness.preflight --help)")
+    s.add_argument("--device", required=True, help="cuda, cuda:N or cpu")
+    s.add_argument("--budget-s", type=float, default=None, help="no job starts after this many seconds (default 60)")
+    s.add_argument("--out", required=True, help="folder for preflight.json and preflight.log")
+    s.add_argument("--no-audit", action="store_true", help="on the CPU: no device audit")
+    s.set_defaults(func=cmd_preflight)
     for name, func, helptext in (("status", cmd_status, "what is done, failed, skipped"),
                                  ("show", cmd_show, "one job's record"),
                                  ("export", cmd_export, "write a run's records as JSONL (for --add)"),

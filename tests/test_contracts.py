@@ -11,21 +11,9 @@ import torch.nn.functional as F
 import backdoor_harness as bh
 from backdoor_harness import registry
 from backdoor_harness.models import create_model, model_family
+from backdoor_harness.preflight import quick_config  # each defense at its smallest (every loop count 1)
 
 from helpers import check_contract, context, noise_set, tiny
-
-BUDGET = ("epochs", "rounds", "iterations", "iters", "steps")
-
-
-def quick_config(name: str) -> dict:
-    """Each defense at its smallest: every integer loop count (``epochs``,
-    ``*_epochs``, ``rounds``, ``*_steps``, ...) set to 1."""
-    fields = registry.get_class("defense", name).Config.model_fields
-    cfg = {k: 1 for k, f in fields.items()
-           if f.annotation is int and any(k == b or k.endswith("_" + b) for b in BUDGET)}
-    if "generator_width" in fields:  # a trigger generator (BTI-DBF's U-Net by default) at its narrowest
-        cfg["generator_width"] = 4
-    return cfg
 
 
 @pytest.mark.parametrize("name", bh.list_defenses())
