@@ -293,3 +293,39 @@ def test_a_substitute_trigger_is_marked_in_the_header_and_named_in_the_notes(mon
     md = render(recs, "markdown", reported=[])
     assert "| a† C-Acc" not in md and "a† ASR" in md and "b ASR" in md and "b† ASR" not in md
     assert "- a†: a substitute trigger: own encoder" in md
+
+
+def paper_records(config: str, metrics: dict) -> list[dict]:
+    """The records a run of a shipped matrix file would write, each evaluation returning ``metrics``."""
+    from backdoor_harness import registry
+    from backdoor_harness.matrix import expand, load_matrix
+
+    recs = []
+    for job in expand(load_matrix(config)):
+        rec = {"kind": job.kind, "key": job.key, "label": job.label, "status": "done", "attrs": job.attrs,
+               "config": job.payload, "versions": job.versions, "deps": job.deps, "metrics": {}}
+        if job.kind == "evaluate":
+            produced = registry.get_class("evaluator", job.payload["evaluator"]["name"]).metrics
+            rec["metrics"] = {m: v for m, v in metrics.items() if m in produced}
+        recs.append(rec)
+    return recs
+
+
+def test_paper000s_config_is_paper000s_setup_on_the_shipped_numbers():
+    """configs/paper000-table3.yaml runs paper 000's Table 3 setup: its BadNets and Blended cells stand
+    beside the paper's numbers (PAM at its per-attack rho, the retuning at its per-attack k); SSBA and LC,
+    substitutes here, never do; the 20-epoch GPU grid's cells never do."""
+    recs = paper_records("configs/paper000-table3.yaml", {"asr": 0.5, "clean_acc": 0.9, "retune_asr": 0.5})
+    (board,) = boards(recs, load_reported())
+    rows = {r["defense"]: r for r in board["rows"]}
+    for attack in ("badnets", "blended"):
+        for defense in ("none", "ep", "pam", "fst", "anp"):
+            assert rows[defense]["cells"][attack]["asr"]["reported"] is not None, (attack, defense)
+        assert rows["pam"]["cells"][attack]["retune_asr"]["reported"] is not None, attack
+    for attack in ("ssba", "lc"):
+        assert all(r["cells"][attack]["asr"]["reported"] is None for r in rows.values()), attack
+    assert any("attack ssba is a substitute" in n for n in board["notes"])
+    grid = paper_records("configs/paper000-grid-gpu.yaml", {"asr": 0.5})
+    (board,) = boards(grid, load_reported())
+    assert all(c["asr"]["reported"] is None for r in board["rows"] for c in r["cells"].values())
+    assert any("recipe.epochs 20 (the paper's 100)" in n for n in board["notes"])
