@@ -39,7 +39,7 @@ from typing import Any, Iterable
 import yaml
 from tabulate import tabulate
 
-from .setups import SETUPS_FILE, cell_setup, differences, evaluator_setup, load_setups
+from .setups import SETUPS_FILE, cell_setup, differences, evaluator_setup, installed_revision, load_setups
 
 
 @dataclass(frozen=True)
@@ -148,26 +148,30 @@ def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[di
                 (_get(rec, "wall_s") or 0.0, _get(rec, "device") or "?"))
         if kind != "evaluate":
             continue
-        key = (source, a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"])
         deps = _get(rec, "deps") or []
         train, purify = (by_key.get(deps[i]) if len(deps) > i else None for i in (0, 1))
         revision = (_get(train, "versions") or {}).get("model") if train is not None else None
-        key = key + (revision,)  # two revisions of one architecture never share a cell
-        cell = cells.setdefault(key, {"model_revision": revision, "dataset": key[1], "model": key[2], "poison_rate": key[3],
-                                      "attack": key[4], "defense": key[5], "metrics": {}, "seeds": set(),
-                                      "status": {}, "oracle": purify is not None and _needs_oracle(purify),
-                                      "setup": cell_setup(_as_dict(train), _as_dict(purify)), "evaluator_of": {},
-                                      **({"source": key[0]} if key[0] is not None else {})})
+        # two revisions of one architecture never share a cell
+        key = (source, a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"], revision)
+        cell = cells.get(key)
+        if cell is None:  # what the cell ran with: read once, from its first evaluation's upstream records
+            cell = cells[key] = {
+                "model_revision": revision, "dataset": key[1], "model": key[2], "poison_rate": key[3],
+                "attack": key[4], "defense": key[5], "metrics": {}, "seeds": set(), "status": {},
+                "oracle": purify is not None and _needs_oracle(purify),
+                "setup": cell_setup(_as_dict(train), _as_dict(purify)), "evaluator_of": {},
+                **({"source": key[0]} if key[0] is not None else {})}
         status = _get(rec, "status")
         label = a.get("evaluator", "?")
         plugin = ((_get(rec, "config") or {}).get("evaluator") or {}).get("name", label)
         if status == "done":
             cell["seeds"].add(a["seed"])
+            produced_by = evaluator_setup(_as_dict(rec))
             for m, v in (_get(rec, "metrics") or {}).items():
                 if isinstance(v, (int, float)):  # curves stay in the store
                     name = m if label == plugin else f"{m}@{label}"
                     values[key][name].append(float(v))
-                    cell["evaluator_of"][name] = evaluator_setup(_as_dict(rec))
+                    cell["evaluator_of"][name] = produced_by
         else:
             reason = (_get(rec, "error") or "").strip().splitlines()[-1:] or [""]
             cell["status"][label] = {"status": status, "reason": reason}
@@ -339,16 +343,6 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
                     "attacks": attacks,
                     "columns": shown, "rows": rows, "notes": notes, **({"source": source} if source else {})})
     return out
-
-
-def installed_revision(model: str) -> str | None:
-    """The architecture version of the installed model of that name (None: timm's own, or unknown)."""
-    try:
-        from ..models import model_version
-
-        return model_version(model)
-    except Exception:
-        return None
 
 
 def title(board: dict) -> str:

@@ -139,7 +139,7 @@ def differences(setup: dict | None, cell: dict | None, evaluator: tuple[str | No
     out += _compare("reserve", cell["reserve"], reserve, attack)
     out += _compare("model", cell["model"], setup.get("model"), attack)
     out += _compare("recipe", cell["recipe"], setup.get("recipe"), attack)
-    installed = _model_version(cell["model"].get("name"))
+    installed = installed_revision(cell["model"].get("name"))
     if installed is not None and cell["model_version"] != installed:
         out.append(f"model {cell['model'].get('name')} is architecture revision {cell['model_version'] or 1}, "
                    f"the installed one is {installed}")
@@ -184,10 +184,12 @@ def _substitute(ref: dict) -> str | None:
         return None
 
 
-def _model_version(name: str | None) -> str | None:
+def installed_revision(name: str | None) -> str | None:
+    """The architecture version the installed model ``name`` declares (None: timm's own
+    model, none declared, or unknown)."""
     try:
-        from .. import models
+        from ..models import model_version
 
-        return getattr(models, "model_version")(name) if name else None
+        return model_version(name) if name else None
     except Exception:
         return None

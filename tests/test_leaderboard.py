@@ -170,7 +170,7 @@ def test_substitute_attacks_and_stale_models_never_match(monkeypatch):
     assert board["rows"][0]["cells"]["a"]["asr"]["reported"] is None
     assert any("attack a is a substitute (own encoder, not the paper's)" in n for n in board["notes"])
     monkeypatch.setattr(setups, "_substitute", lambda ref: None)
-    monkeypatch.setattr(setups, "_model_version", lambda name: "2")
+    monkeypatch.setattr(setups, "installed_revision", lambda name: "2")
     (board,) = boards(recs, [reported_entry()])
     assert "model m is architecture revision 1, the installed one is 2" in board["notes"][0]
     (board,) = boards(cell_records(defense_config={"rho": 0.9}, model_versions={"model": "2"}), [reported_entry()])
