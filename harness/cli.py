@@ -188,6 +188,21 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+#: seconds after which the preflight starts no job (one minute of a GPU lease; about 10 s on one CPU thread)
+PREFLIGHT_BUDGET_S = 60.0
+
+
+def preflight_arguments(p: argparse.ArgumentParser) -> None:
+    """The preflight's arguments, for ``harness preflight`` and ``python -m backdoor_harness.preflight``
+    (here, so that building the CLI's parser imports no torch)."""
+    p.add_argument("--device", required=True, help="cuda, cuda:N or cpu")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"no job starts after this many seconds (default {PREFLIGHT_BUDGET_S:g})")
+    p.add_argument("--out", required=True, help="folder for preflight.json and preflight.log (created)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="on the CPU: run on plain cpu, without the device audit (see the preflight module's doc)")
+
+
 def cmd_preflight(args) -> int:
     from .preflight import run
 
@@ -228,10 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_golden)
     s = sub.add_parser("preflight", help="every plugin in one tiny job on a device, within a time budget "
                                          "(python -m backdoor_harness.preflight --help)")
-    s.add_argument("--device", required=True, help="cuda, cuda:N or cpu")
-    s.add_argument("--budget-s", type=float, default=None, help="no job starts after this many seconds (default 60)")
-    s.add_argument("--out", required=True, help="folder for preflight.json and preflight.log")
-    s.add_argument("--no-audit", action="store_true", help="on the CPU: no device audit")
+    preflight_arguments(s)
     s.set_defaults(func=cmd_preflight)
     for name, func, helptext in (("status", cmd_status, "what is done, failed, skipped"),
                                  ("show", cmd_show, "one job's record"),

@@ -72,6 +72,7 @@ import torch
 from pydantic import BaseModel
 from torch.overrides import TorchFunctionMode
 
+from .cli import PREFLIGHT_BUDGET_S, preflight_arguments
 from .errors import HarnessError
 
 #: The integer config fields that count loop iterations (a field is one when it is named so, or ends in
@@ -88,7 +89,7 @@ DATASET = "cifar10"
 AUDIT_DEVICE = torch.device("cpu", 0)
 
 #: seconds after which no job starts (one minute of a GPU lease; on one CPU thread the run takes about 10 s)
-DEFAULT_BUDGET_S = 60.0
+DEFAULT_BUDGET_S = PREFLIGHT_BUDGET_S
 
 
 def _shrunk(model: type[BaseModel], default: BaseModel | None) -> dict[str, Any]:
@@ -530,17 +531,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = "python -m backdoor_harness.preflight") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Run every registered attack, defense and evaluator in one tiny job "
                                        "each on a device, within a wall-clock budget.")
-    add_arguments(p)
+    preflight_arguments(p)
     return p
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", required=True, help="cuda, cuda:N or cpu")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help=f"no job starts after this many seconds (default {DEFAULT_BUDGET_S:g})")
-    p.add_argument("--out", required=True, help="folder for preflight.json and preflight.log (created)")
-    p.add_argument("--no-audit", action="store_true",
-                   help="on the CPU: run on plain cpu, without the device audit (see the module's doc)")
 
 
 def check_args(args: argparse.Namespace) -> tuple[torch.device, float, Path]:
