@@ -143,17 +143,12 @@ class GpuQueue(_Frozen):
 
 def load_queue(path: str | Path) -> GpuQueue:
     """Read and validate a queue file (HarnessError naming the file and the key otherwise)."""
+    from .matrix import read_yaml_mapping
     from .registry import format_validation_error
 
     path = Path(path)
-    if not path.exists():
-        raise HarnessError(f"{path}: no such queue file (the GPU queue is {DEFAULT_QUEUE})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise HarnessError(f"{path}: invalid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise HarnessError(f"{path}: a queue file is a mapping with one key, `items` (a list)")
+    raw = read_yaml_mapping(path, f"no such queue file (the GPU queue is {DEFAULT_QUEUE})",
+                            "a queue file is a mapping with one key, `items` (a list)")
     try:
         return GpuQueue.model_validate(raw)
     except ValidationError as err:

@@ -108,23 +108,30 @@ class MatrixSpec(BaseModel):
             raise ValueError(str(err)) from None
 
 
-def load_matrix(path: str | Path) -> MatrixSpec:
-    """Read and validate a matrix file; every problem raises one HarnessError
-    naming the file, the key and the fix."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, missing: str, shape: str) -> dict:
+    """The YAML mapping in ``path``, or one HarnessError: ``missing`` when there is no such
+    file, the line and column of a YAML error, or ``shape`` (what the file should hold)
+    when it is not a mapping."""
     if not path.exists():
-        raise HarnessError(f"{path}: no such matrix file")
-    text = path.read_text()
+        raise HarnessError(f"{path}: {missing}")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(err, "problem", None) or str(err)
         raise HarnessError(f"{where}: invalid YAML: {problem} (check indentation and quoting there)") from None
     if not isinstance(raw, dict):
-        raise HarnessError(f"{path}: a matrix file is a mapping with keys datasets, models, attacks, "
-                           f"defenses, evaluators (got {type(raw).__name__})")
+        raise HarnessError(f"{path}: {shape} (got {type(raw).__name__})")
+    return raw
+
+
+def load_matrix(path: str | Path) -> MatrixSpec:
+    """Read and validate a matrix file; every problem raises one HarnessError
+    naming the file, the key and the fix."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "no such matrix file",
+                            "a matrix file is a mapping with keys datasets, models, attacks, defenses, evaluators")
     try:
         spec = MatrixSpec.model_validate(raw)
     except ValidationError as err:
