@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(BIN)/harness leaderboard --workdir runs/quickstart
 
 # One torch thread: the tests' tiny models run many times faster single-threaded
-# (measured: tests/test_defense_pam.py 13 s vs 93 s with 2 threads on the 2-core dev box).
+# (measured: tests/plugins/defenses/test_defense_pam.py 13 s vs 93 s with 2 threads on the 2-core dev box).
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from backdoor_harness.matrix import MatrixSpec, expand
-from backdoor_harness.runner import run_matrix
+from backdoor_harness.scheduler import run_matrix
 from backdoor_harness.store import Store
 
 

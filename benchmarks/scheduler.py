@@ -27,7 +27,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from backdoor_harness.matrix import MatrixSpec, expand
-from backdoor_harness.runner import run_matrix
+from backdoor_harness.scheduler import run_matrix
 from backdoor_harness.store import Store
 
 #: 7 jobs per seed (1 train, 2 purify, 4 evaluate); 29 seeds: 203 jobs

@@ -115,13 +115,13 @@ def test_predict(benchmark, name):
 # (c) trigger stamping
 # --------------------------------------------------------------------------
 
-#: int fields of an attack's config that only size ``prepare`` (as tests/test_triggers.py ``ready``)
+#: int fields of an attack's config that only size ``prepare`` (as tests/plugins/attacks/test_triggers.py ``ready``)
 BUDGET = ("epochs", "steps", "iterations", "iters")
 
 
 def prepared(name: str) -> bh.Attack:
     """The attack ready to stamp. Attacks with ``prepare`` run it at the smallest budget (every
-    ``BUDGET`` int field = 1) on 200 noise images on the CPU, as tests/test_triggers.py ``ready`` does:
+    ``BUDGET`` int field = 1) on 200 noise images on the CPU, as tests/plugins/attacks/test_triggers.py ``ready`` does:
     that changes the trigger's values, not its cost (pattern and encoder sizes are untouched)."""
     cls = registry.get_class("attack", name)
     if not cls.prepares():

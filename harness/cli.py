@@ -31,14 +31,14 @@ def cmd_list(args) -> int:
         for name in sorted(table):
             cls, package = table[name]
             row = [name, cls.version, cls.summary, package]
-            if kind == "defense":  # what a defense requires, and whether it runs on a ViT (no BN, no conv filters)
-                vit = "*" in cls.families or "vision_transformer" in cls.families
+            if kind == "defense":  # what a defense requires, and the model families it runs on
                 needs = cls().needs if isinstance(cls.needs, property) else cls.needs  # config-dependent: defaults
-                row += [",".join(sorted(needs)) or "-", ",".join(sorted(cls.families)), "yes" if vit else "no"]
+                families = "all" if "*" in cls.families else ",".join(sorted(cls.families))
+                row += [",".join(sorted(needs)) or "-", families]
             if kind == "attack":  # the default config's trigger: the reference one, or what replaces it
                 row += [cls().substitute or "-"]
             rows.append(row)
-        headers = ["name", "version", "summary", "package"] + (["needs", "models", "ViT"] if kind == "defense" else [])
+        headers = ["name", "version", "summary", "package"] + (["needs", "model families"] if kind == "defense" else [])
         headers += ["substitute (default config)"] if kind == "attack" else []
         print(f"{kind}s ({len(rows)})")
         print(tabulate(rows, headers=headers, tablefmt="simple"))
@@ -58,7 +58,7 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from .matrix import load_matrix
-    from .runner import run_matrix
+    from .scheduler import run_matrix
 
     spec = load_matrix(args.spec)
     if args.workers < 1 or args.retries < 0:
@@ -67,13 +67,32 @@ def cmd_run(args) -> int:
     devices = args.devices.split(",") if args.devices else None
     if args.compile:
         os.environ["HARNESS_COMPILE"] = "1"  # workers and Ray actors inherit it
-    counts = run_matrix(spec, _workdir(args, spec), device=args.device, progress=not args.no_progress,
+    workdir = _workdir(args, spec)
+    counts = run_matrix(spec, workdir, device=args.device, progress=not args.no_progress,
                         workers=args.workers, devices=devices, retries=args.retries, executor=args.executor,
                         address=args.address)
+    plots = write_plots(workdir)
+    if plots:
+        print(f"curve plots: {len(plots) // 2} in {plots[0].parent}")
     if counts["failed"] or counts["blocked"]:
         print(f"some cells did not finish (see `harness status --workdir {_workdir(args, spec)}`)", file=sys.stderr)
         return 1
     return 0
+
+
+def write_plots(workdir: Path) -> list[Path]:
+    """The curve plots of a work directory's evaluations (``artifacts/plots/``, see
+    :func:`backdoor_harness.leaderboard.plots.write_curve_plots`; axis labels from the records'
+    metric metadata); returns the files written."""
+    from .leaderboard.plots import write_curve_plots
+    from .results import upgrade_all
+    from .store import Store
+
+    store = Store(workdir)
+    try:
+        return write_curve_plots(upgrade_all(store.records("evaluate")), store.artifacts / "plots")
+    finally:
+        store.close()
 
 
 def _store(args):
@@ -127,9 +146,9 @@ def cmd_show(args) -> int:
 
 def cmd_golden(args) -> int:
     from .golden import make_golden, write_golden
-    from .leaderboard.render import collect
     from .matrix import load_matrix
-    from .runner import run_matrix
+    from .results import collect
+    from .scheduler import run_matrix
     from .store import Store
 
     spec = load_matrix(args.spec).model_copy(update={"seeds": args.seeds})
@@ -143,7 +162,7 @@ def cmd_golden(args) -> int:
         records = list(store.records())
     finally:
         store.close()
-    runs = {seed: collect(r for r in records if (r.attrs or {}).get("seed") == seed) for seed in args.seeds}
+    runs = {seed: collect(r for r in records if r.attrs.seed == seed) for seed in args.seeds}
     command = f"harness golden {args.spec} --seeds {' '.join(map(str, args.seeds))} --out {args.out}"
     write_golden(make_golden(runs, spec, command), args.out)
     print(f"wrote {args.out} ({len(args.seeds)} seeds)")
@@ -188,25 +207,10 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
-#: seconds after which the preflight starts no job (one minute of a GPU lease; about 10 s on one CPU thread)
-PREFLIGHT_BUDGET_S = 60.0
-
-
-def preflight_arguments(p: argparse.ArgumentParser) -> None:
-    """The preflight's arguments, for ``harness preflight`` and ``python -m backdoor_harness.preflight``
-    (here, so that building the CLI's parser imports no torch)."""
-    p.add_argument("--device", required=True, help="cuda, cuda:N or cpu")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help=f"no job starts after this many seconds (default {PREFLIGHT_BUDGET_S:g})")
-    p.add_argument("--out", required=True, help="folder for preflight.json and preflight.log (created)")
-    p.add_argument("--no-audit", action="store_true",
-                   help="on the CPU: run on plain cpu, without the device audit (see the preflight module's doc)")
-
-
 def cmd_preflight(args) -> int:
-    from .preflight import run
+    from .preflight import main
 
-    return run(args)
+    return main(args.args, prog="harness preflight")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--no-progress", action="store_true", help="no progress meter")
     s.set_defaults(func=cmd_golden)
-    s = sub.add_parser("preflight", help="every plugin in one tiny job on a device, within a time budget "
-                                         "(python -m backdoor_harness.preflight --help)")
-    preflight_arguments(s)
+    # its arguments are the preflight module's own (parsed there, so building this parser imports no torch)
+    s = sub.add_parser("preflight", add_help=False, help="every plugin in one tiny job on a device, within a time "
+                                                         "budget (harness preflight --help)")
+    s.add_argument("args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_preflight)
     for name, func, helptext in (("status", cmd_status, "what is done, failed, skipped"),
                                  ("show", cmd_show, "one job's record"),
@@ -272,7 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["preflight"]:  # everything after it is the preflight's own arguments
+        args = parser.parse_args(["preflight"])
+        args.args = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except HarnessError as err:

@@ -9,43 +9,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict
-
 from .data import ImageSet, validation_split
-
-
-class PluginConfig(BaseModel):
-    """Base of every plugin's ``Config``: unknown keys are errors, values frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Plugin:
-    """What every plugin class declares.
-
-    Attributes:
-        name: the registry name (snake_case), unique across installed plugins.
-        version: bump it whenever results change; it is part of every job key.
-        summary: one line for ``harness list``.
-        paper: the paper (and where available the code) it implements.
-        Config: a :class:`PluginConfig` subclass; validated in ``create_*``.
-    """
-
-    kind: ClassVar[str] = "plugin"
-    name: ClassVar[str]
-    version: ClassVar[str]
-    summary: ClassVar[str]
-    paper: ClassVar[str]
-    Config: ClassVar[type[PluginConfig]] = PluginConfig
-
-    def __init__(self, config: PluginConfig | None = None, **kwargs: Any):
-        self.config = config if config is not None else self.Config(**kwargs)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
+from .plugin import Plugin, PluginConfig
+from .store import Metric
 
 
 # --------------------------------------------------------------------------
@@ -399,47 +368,52 @@ class DefenseContext:
         return self.reserve.subset(train), self.reserve.subset(val)
 
 
+class Purified(NamedTuple):
+    """What :meth:`Defense.purify` returns.
+
+    Attributes:
+        model: the purified model (a copy: the model the defense was given is never modified).
+        report: what the defense found or did (flagged classes, pruned channels, ...), stored in
+            the purify record as ``metrics["report"]`` (tensors and arrays become lists); empty
+            when it has nothing to report.
+    """
+
+    model: torch.nn.Module
+    report: dict[str, Any] = {}
+
+
 class Defense(Plugin):
-    """A purification defense: ``purify(model, ctx) -> purified model``.
+    """A purification defense: ``purify(model, ctx) -> Purified(model, report)``.
 
     ``purify`` must not modify the model it is given (copy it first), and must
-    be deterministic for a seed on CPU.
+    be deterministic for a seed on CPU. The harness checks both what it returns
+    (a :class:`Purified` holding a ``torch.nn.Module``) and that the model it
+    was given is unchanged; either failing fails the cell.
 
     Attributes:
         needs: what beyond clean reserve data it requires; ``"oracle_trigger"``
-            gives it ``ctx.attack``.
+            gives it ``ctx.attack`` (an oracle: leaderboards show it, never rank it).
         families: model families it supports, or ``{"*"}`` for any.
-        last_report: what the last ``purify`` found or did (flagged classes,
-            pruned channels, ...), set by the defenses that have one; the
-            runner stores it in the purify record as ``metrics["report"]``
-            (tensors and arrays as lists).
+        baseline: it returns the model as it is (the undefended reference row:
+            leaderboards show it first and never rank it; its ASR checks that the
+            attack works).
     """
 
     kind = "defense"
     needs: ClassVar[frozenset[str]] = frozenset()
     families: ClassVar[frozenset[str]] = frozenset({"*"})
-    last_report: dict | None = None
+    baseline: ClassVar[bool] = False
 
     def supports(self, family: str) -> bool:
         return "*" in self.families or family in self.families
 
-    def purify(self, model: torch.nn.Module, ctx: DefenseContext) -> torch.nn.Module:
+    def purify(self, model: torch.nn.Module, ctx: DefenseContext) -> Purified:
         raise NotImplementedError
 
 
 # --------------------------------------------------------------------------
 # Evaluators
 # --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A metric an evaluator produces: a number, or with ``curve=True`` a list
-    of numbers kept whole in the record (leaderboards show only numbers)."""
-
-    higher_is_better: bool
-    doc: str = ""
-    curve: bool = False
 
 
 @dataclass

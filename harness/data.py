@@ -35,6 +35,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import HarnessError
+from .plugin import Plugin, PluginConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
@@ -152,7 +153,7 @@ def decode_all(items: list[bytes | Path], size: int | None) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def _split_from_files(files: dict[str, list], size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def split_from_files(files: dict[str, list], size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     classes = sorted(files)
     items, labels = [], []
     for label, cls in enumerate(classes):
@@ -171,7 +172,7 @@ def read_imagefolder(root: Path, size: int | None) -> tuple[ImageSet, ImageSet]:
             raise HarnessError(f"{root} has no {split}/ folder; an image-folder data set needs train/<class>/ and test/<class>/")
         files = {c.name: [(str(p.relative_to(c)), p) for p in c.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
                  for c in d.iterdir() if c.is_dir()}
-        splits.append(_split_from_files(files, size))
+        splits.append(split_from_files(files, size))
     (xtr, ytr, ctr), (xte, yte, cte) = splits
     if ctr != cte:
         raise HarnessError(f"{root}: train/ and test/ have different class folders")
@@ -191,7 +192,7 @@ def read_imagefolder_archive(path: Path, size: int | None) -> tuple[ImageSet, Im
                 continue
             split, cls = parts[split_at], parts[split_at + 1]
             files[split].setdefault(cls, []).append(("/".join(parts[split_at + 2:]), tar.extractfile(member).read()))
-    (xtr, ytr, ctr), (xte, yte, cte) = (_split_from_files(files[s], size) for s in ("train", "test"))
+    (xtr, ytr, ctr), (xte, yte, cte) = (split_from_files(files[s], size) for s in ("train", "test"))
     return ImageSet(xtr, ytr, ctr), ImageSet(xte, yte, cte)
 
 
@@ -219,11 +220,11 @@ def from_torchvision(dataset_cls, root: Path, size: int | None, **kwargs) -> tup
 # --------------------------------------------------------------------------
 
 
-class SourceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SourceConfig(PluginConfig):
+    """Base of a data-set source's ``Config``."""
 
 
-class DatasetSource:
+class DatasetSource(Plugin):
     """A data-set source plugin: ``load(config) -> (train, test)``.
 
     Attributes:
@@ -237,15 +238,11 @@ class DatasetSource:
     """
 
     kind: ClassVar[str] = "dataset"
-    name: ClassVar[str]
     version: ClassVar[str] = "1"
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Config: ClassVar[type[SourceConfig]] = SourceConfig
     augmentation: ClassVar[Augmentation] = Augmentation()
-
-    def __init__(self, config: SourceConfig | None = None, **kwargs: Any):
-        self.config = config if config is not None else self.Config(**kwargs)
 
     def train_augmentation(self) -> Augmentation:
         """The augmentation of this source's images with its config (default: ``augmentation``)."""

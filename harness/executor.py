@@ -1,8 +1,8 @@
 """Executors: where the jobs of a matrix run.
 
-The scheduler (:func:`backdoor_harness.runner.run_matrix`) owns the DAG and the
-store: it hands ready jobs to an executor and writes every record itself. An
-executor only runs jobs:
+The scheduler (:mod:`backdoor_harness.scheduler`) owns the DAG and the store: it
+hands ready jobs to an executor and writes every record itself. An executor
+only runs jobs, each with a :class:`~backdoor_harness.handlers.JobRunner`:
 
 - :class:`InProcess` runs one job at a time in the calling process (the
   default on a CPU-only machine, and what the tests use);
@@ -15,10 +15,7 @@ executor only runs jobs:
   models are cached there), and replaces a worker that dies or hits a CUDA
   error, retrying its job (twice by default) before recording it failed.
 
-They speak the same small interface: ``free()`` (how many jobs it can take
-now), ``submit(jobs, claim)`` (it picks which of the ready jobs to start,
-starting only those ``claim`` grants, and returns them with where each runs),
-``poll()`` (finished records) and ``close()``.
+They speak the same small interface, :class:`Executor`.
 """
 
 from __future__ import annotations
@@ -29,9 +26,10 @@ import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-from .matrix import Job
+from .handlers import JobRunner, device_name
+from .jobs import Job
 from .store import JobRecord, Records, job_record, now
 
 #: how often the pool looks at its workers while waiting for results
@@ -44,11 +42,29 @@ ENV_PASSED = ("HARNESS_DATA", "HARNESS_CACHE", "HARNESS_PLUGINS", "HARNESS_COMPI
 
 
 def model_key(job: Job) -> str:
-    """The attacked (or clean) model a job works on: its own key for a train job, else its first upstream."""
-    return job.key if job.kind in ("train", "prepare") or not job.deps else job.deps[0]
+    """The attacked (or clean) model a job works on: its own key for a train or prepare job, else its
+    ``train`` upstream."""
+    return getattr(job, "train", None) or job.key
 
 
 Claim = Callable[[Job], bool]
+
+
+class Executor(Protocol):
+    """Where jobs run; the scheduler's only view of it."""
+
+    def free(self) -> int:
+        """How many jobs it can take now."""
+
+    def submit(self, ready: list[Job], claim: Claim) -> list[tuple[Job, str]]:
+        """Start some of the ``ready`` jobs (those ``claim`` grants; it picks which) and return
+        them with where each runs."""
+
+    def poll(self) -> list[JobRecord]:
+        """Records of the jobs that finished since the last call."""
+
+    def close(self) -> None:
+        """Stop its workers."""
 
 
 def pick(ready: list[Job], holds: set[str], claim: Claim) -> Job | None:
@@ -64,7 +80,7 @@ def pick(ready: list[Job], holds: set[str], claim: Claim) -> Job | None:
 class InProcess:
     """Runs jobs one at a time in this process."""
 
-    def __init__(self, runner):
+    def __init__(self, runner: JobRunner):
         self.runner = runner
         self._next: Job | None = None
 
@@ -72,8 +88,6 @@ class InProcess:
         return 0 if self._next else 1
 
     def submit(self, ready: list[Job], claim: Claim = lambda job: True) -> list[tuple[Job, str]]:
-        from .runner import device_name
-
         self._next = pick(list(ready), set(), claim)
         return [(self._next, device_name(self.runner.device))] if self._next else []
 
@@ -90,13 +104,11 @@ def _worker_main(wid: int, workdir: str, device: str, threads: int, jobs: dict[s
     """A worker process: runs the jobs it is sent and sends back their records (never writes the store)."""
     import torch
 
-    from .runner import Runner
     from .store import Store
 
     if threads:
         torch.set_num_threads(threads)
-    runner = Runner(Store(workdir), torch.device(device), progress)
-    runner._jobs = jobs
+    runner = JobRunner(Store(workdir), jobs, torch.device(device), progress)
     while True:
         key = inbox.get()
         if key is None:
@@ -227,7 +239,7 @@ class WorkerPool:
 class RayExecutor:
     """The same jobs on a Ray cluster (``pip install backdoor-harness[ray]``): one actor per slot.
 
-    Each actor holds a :class:`~backdoor_harness.runner.Runner` (so, like a
+    Each actor holds a :class:`~backdoor_harness.handlers.JobRunner` (so, like a
     pool worker, it keeps the data and models it loaded) and asks Ray for
     ``1 / per_device`` of a GPU (fractional GPUs: several small jobs share
     one) or, without GPUs, one CPU. Actors read and write artifacts in the
@@ -356,11 +368,8 @@ class _RayWorker:
     def __init__(self, workdir: str, device: str, jobs: dict[str, Job]):
         import torch
 
-        from .runner import Runner
-
         self.jobs = jobs
-        self.runner = Runner(Records(workdir), torch.device(device), False)
-        self.runner._jobs = jobs
+        self.runner = JobRunner(Records(workdir), jobs, torch.device(device), False)
 
     def run(self, key: str, upstream: dict[str, dict]) -> dict:
         self.runner.store.update({k: JobRecord.model_validate(v) for k, v in upstream.items()})

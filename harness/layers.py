@@ -13,8 +13,10 @@ it in ``fit(after_step=...)``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -23,10 +25,24 @@ import torch.nn.functional as F
 from .errors import HarnessError
 from .models import classifier
 
-__all__ = ["ConvNormLink", "classifier", "conv_norm_links", "conv_norm_pairs", "features", "head", "norm_layers",
+__all__ = ["BATCHNORM_FAMILIES", "CONV_FAMILIES", "SPATIAL_FAMILIES", "Call", "Capture", "ConvNormLink", "capture",
+           "classifier", "conv_norm_links", "conv_norm_pairs", "eval_mode", "features", "head", "norm_layers",
            "unwrap"]
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+# Model families (``models.model_family``), for a defense's ``families``.
+
+#: Convolutional networks whose last feature map is ``[B, C, H, W]``, with a conv-BatchNorm
+#: structure and a head that pools the map before its first Linear layer: the families the
+#: filter- and channel-pruning defenses are written for.
+CONV_FAMILIES: frozenset[str] = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3",
+                                           "densenet", "tiny_cnn"})
+#: :data:`CONV_FAMILIES` and RegNet: the BatchNorm CNNs (for defenses that work on BatchNorm layers).
+BATCHNORM_FAMILIES: frozenset[str] = CONV_FAMILIES | {"regnet"}
+#: :data:`BATCHNORM_FAMILIES` and ConvNeXt (LayerNorm): the CNNs with spatial feature maps in
+#: ``forward_features`` (a vision transformer's tokens have none).
+SPATIAL_FAMILIES: frozenset[str] = BATCHNORM_FAMILIES | {"convnext"}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,6 +67,90 @@ def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def head(model: nn.Module, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
     """Logits (or the pooled features with ``pre_logits``) from :func:`features`' output."""
     return unwrap(model).forward_head(feats, pre_logits=pre_logits)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; on exit (an error too) every submodule is back in
+    the mode it had."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@dataclass
+class Call:
+    """One finished forward call of a captured module: its name (the key it was captured under),
+    the module, its positional inputs and its output, as the module saw them (not copies: an
+    in-place operation after the call shows in them)."""
+
+    name: str
+    module: nn.Module
+    args: tuple
+    output: Any
+
+
+@dataclass
+class Capture:
+    """What :func:`capture` recorded: ``calls`` in the order the modules FINISHED (a module
+    that contains another finishes after it); every call, so a module run twice is there twice."""
+
+    calls: list[Call] = field(default_factory=list)
+
+    def first(self) -> dict[str, Call]:
+        """Name -> the first call of each module that ran."""
+        out: dict[str, Call] = {}
+        for c in self.calls:
+            out.setdefault(c.name, c)
+        return out
+
+    def last(self) -> dict[str, Call]:
+        """Name -> the last call of each module that ran."""
+        return {c.name: c for c in self.calls}
+
+    def names(self) -> list[str]:
+        """The names of the calls, in order (repeated when a module ran more than once)."""
+        return [c.name for c in self.calls]
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]], *,
+            evaluate: bool = True) -> Iterator[Capture]:
+    """Record the forward calls of ``modules`` (name -> module, e.g. a filtered
+    ``unwrap(model).named_modules()``) while the block runs, through forward hooks.
+
+    With ``evaluate`` (default) ``model`` runs in eval mode inside the block (see
+    :func:`eval_mode`); ``evaluate=False`` leaves the modes alone (hooks kept during
+    training). On exit, an error too, the hooks are removed and (with ``evaluate``) every
+    submodule's train/eval mode is restored. Gradients are the caller's business
+    (``torch.no_grad()`` for a probe pass).
+
+    Example: the output of every Conv2d in one pass::
+
+        convs = [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, nn.Conv2d)]
+        with capture(model, convs) as cap, torch.no_grad():
+            features(model, x)
+        outputs = {n: c.output for n, c in cap.first().items()}
+    """
+    record = Capture()
+    handles = []
+    modes = eval_mode(model) if evaluate else contextlib.nullcontext(model)
+    try:
+        for name, module in (modules.items() if isinstance(modules, Mapping) else modules):
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: record.calls.append(Call(name, m, args, out))))
+        with modes:
+            yield record
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def norm_layers(model: nn.Module, kinds: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)

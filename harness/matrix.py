@@ -1,4 +1,5 @@
-"""The matrix file (YAML, validated by pydantic) and its expansion into a job DAG.
+"""The matrix file (YAML, validated by pydantic) and its expansion into a DAG of typed jobs
+(:mod:`backdoor_harness.jobs`).
 
     prepare[dataset, (model,) attack, seed] -> an attack's generated resources (only attacks that prepare)
     train[dataset, model, attack, seed]     -> attacked model (and a training-controlled attack's state)
@@ -13,9 +14,6 @@ changed value anywhere re-runs exactly the jobs downstream of it.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data import DataSpec
 from .errors import HarnessError
+from .jobs import CORE_VERSION, EvaluateJob, Job, PluginCall, PrepareJob, PurifyJob, TrainJob, metric_infos, plugin_info
 from .models import ModelSpec, check_model_name
-from .registry import create, format_validation_error, get_class
+from .registry import format_validation_error, get_class, instance
+from .store import Cell
 from .train import Recipe, resolve_recipe
 
-#: Bump when the core changes what a job computes (trainer, data pipeline):
-#: it is part of every key, so old results are not reused.
-CORE_VERSION = "2"
+__all__ = ["CORE_VERSION", "Job", "MatrixSpec", "PluginRef", "expand", "load_matrix", "validate_plugins"]
 
 
 class PluginRef(BaseModel):
@@ -159,13 +157,13 @@ def validate_plugins(spec: MatrixSpec, where: str = "matrix") -> None:
                                    f"attacks' labels")
             for atk in [None, *ref.per_attack]:
                 try:
-                    create(kind, ref.name, **ref.config_for(atk))
+                    instance(kind, ref.name, ref.config_for(atk))
                 except HarnessError as err:
                     at = f" (per_attack {atk})" if atk is not None else ""
                     raise HarnessError(f"{where}: {kind}s[{i}]{at}: {err}") from None
     for i, ds in enumerate(spec.datasets):
         try:
-            create("dataset", ds.name, **ds.options)
+            instance("dataset", ds.name, ds.options)
         except HarnessError as err:
             raise HarnessError(f"{where}: datasets[{i}]: {err}") from None
     for i, m in enumerate(spec.models):
@@ -180,58 +178,21 @@ def validate_plugins(spec: MatrixSpec, where: str = "matrix") -> None:
 # --------------------------------------------------------------------------
 
 
-@dataclass
-class Job:
-    """One node of the DAG.
-
-    Attributes:
-        key: content hash (see module docstring).
-        kind: ``prepare`` (an attack's generated resources), ``train``,
-            ``purify`` or ``evaluate``.
-        label: human-readable ``kind dataset/model/attack/defense/evaluator/seed``.
-        deps: upstream job keys, in a fixed order per kind (train, purify, clean).
-        attrs: names of the cell, for results and leaderboards.
-        payload: everything the job needs to run (JSON-able).
-        versions: plugin versions it depends on.
-    """
-
-    key: str
-    kind: str
-    label: str
-    deps: list[str]
-    attrs: dict[str, Any]
-    payload: dict[str, Any]
-    versions: dict[str, str] = field(default_factory=dict)
-
-
-def job_key(kind: str, payload: dict, deps: list[str], versions: dict[str, str]) -> str:
-    blob = json.dumps({"kind": kind, "payload": payload, "deps": deps, "versions": versions,
-                       "core": CORE_VERSION}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _make(kind: str, label: str, deps: list[str], attrs: dict, payload: dict, versions: dict) -> Job:
-    return Job(job_key(kind, payload, deps, versions), kind, label, deps, attrs, payload, versions)
-
-
-def _version(kind: str, ref: PluginRef) -> str:
-    return str(get_class(kind, ref.name).version)
-
-
 def expand(spec: MatrixSpec) -> list[Job]:
-    """The jobs of a matrix in dependency order (every job after its upstreams).
+    """The typed jobs of a matrix (:mod:`backdoor_harness.jobs`) in dependency order (every job after
+    its upstreams), each built once.
 
     A purify job that an evaluator asks for (``needs_defenses``) and that the
     matrix also lists with the same config is one job, not two.
     """
     jobs: dict[str, Job] = {}
     recipe = spec.recipe.payload()
-    evaluators = {(e.display, a.display): create("evaluator", e.name, **e.config_for(a.display))
-                  for e in spec.evaluators for a in spec.attacks}
-    needs_clean = any(ev.needs_clean_model for ev in evaluators.values())
 
     def add(job: Job) -> Job:
         return jobs.setdefault(job.key, job)
+
+    def call(ref: PluginRef, attack: str | None = None) -> PluginCall:
+        return PluginCall(ref.name, ref.config_for(attack))
 
     for ds in spec.datasets:
         data, reserve = ds.payloads()
@@ -239,58 +200,59 @@ def expand(spec: MatrixSpec) -> list[Job]:
         for model in spec.models:
             mspec = model.model_dump(mode="json", exclude={"label"})
             for seed in spec.seeds:
-                base = {"dataset": ds.display, "model": model.display, "seed": seed}
+                where = dict(dataset=ds.display, model=model.display, seed=seed)
+                clean: TrainJob | None = None
 
-                def clean_job() -> Job:
-                    return add(_make("train", f"train {ds.display}/{model.display}/clean/s{seed}", [],
-                                     {**base, "attack": None, "role": "clean"},
-                                     {"data": data, "model": mspec, "recipe": recipe, "attack": None, "seed": seed},
-                                     {"dataset": ds_version, **model.versions}))
+                def clean_job() -> TrainJob:
+                    return add(TrainJob(label=f"train {ds.display}/{model.display}/clean/s{seed}",
+                                        cell=Cell(**where, role="clean"), seed=seed,
+                                        versions={"dataset": ds_version, **model.versions},
+                                        data=data, model=mspec, recipe=recipe))
 
-                clean = clean_job() if needs_clean else None
+                if any(instance("evaluator", e.name, e.config_for(a.display)).needs_clean_model
+                       for e in spec.evaluators for a in spec.attacks):
+                    clean = clean_job()
                 for atk in spec.attacks:
-                    a_cls = get_class("attack", atk.name)
-                    rate = a_cls.Config(**atk.config).poison_rate
-                    a_attrs = {**base, "attack": atk.display, "poison_rate": rate}
-                    a_ref = atk.payload()
-                    a_versions = {"dataset": ds_version, "attack": _version("attack", atk)}
-                    train_deps = []
-                    if a_cls.prepares():  # generated resources: one job per data set (and model), cached
-                        if a_cls.prepare_needs_clean_model:
-                            p_deps, p_payload = [clean_job().key], {"model": mspec, "recipe": recipe}
-                            where, p_attrs = f"{ds.display}/{model.display}", a_attrs
-                        else:
-                            p_deps, p_payload = [], {}
-                            where = ds.display
-                            p_attrs = {k: v for k, v in a_attrs.items() if k != "model"}
-                        prep = add(_make("prepare", f"prepare {where}/{atk.display}/s{seed}", p_deps,
-                                         {**p_attrs, "role": "resource"},
-                                         {"data": data, "attack": a_ref, "seed": seed, **p_payload},
-                                         {**a_versions, **(model.versions if p_payload else {})}))
-                        train_deps = [prep.key]
-                    train = add(_make("train", f"train {ds.display}/{model.display}/{atk.display}/s{seed}",
-                                      train_deps, {**a_attrs, "role": "attacked"},
-                                      {"data": data, "model": mspec, "recipe": recipe, "attack": a_ref, "seed": seed},
-                                      {**a_versions, **model.versions}))
+                    attack = instance("attack", atk.name, atk.config)
+                    a_where = {**where, "attack": atk.display, "poison_rate": attack.config.poison_rate}
+                    a_versions = {"dataset": ds_version, "attack": str(attack.version)}
+                    a_info = plugin_info(attack)
+                    prepare = None
+                    if type(attack).prepares():  # generated resources: one job per data set (and model), cached
+                        per_model = type(attack).prepare_needs_clean_model
+                        p_where = a_where if per_model else {k: v for k, v in a_where.items() if k != "model"}
+                        prepare = add(PrepareJob(
+                            label=f"prepare {ds.display}{'/' + model.display if per_model else ''}/{atk.display}/s{seed}",
+                            cell=Cell(**p_where, role="resource"), seed=seed,
+                            versions={**a_versions, **(model.versions if per_model else {})}, plugin=a_info,
+                            data=data, attack=call(atk), model=mspec if per_model else None,
+                            recipe=recipe if per_model else None, clean=clean_job().key if per_model else None))
+                    train = add(TrainJob(label=f"train {ds.display}/{model.display}/{atk.display}/s{seed}",
+                                         cell=Cell(**a_where, role="attacked"), seed=seed,
+                                         versions={**a_versions, **model.versions}, plugin=a_info,
+                                         data=data, model=mspec, recipe=recipe, attack=call(atk),
+                                         prepare=prepare.key if prepare else None))
 
-                    def purify(dfn: PluginRef) -> Job:
-                        return add(_make("purify",
-                                         f"purify {ds.display}/{model.display}/{atk.display}/{dfn.display}/s{seed}",
-                                         [train.key], {**a_attrs, "defense": dfn.display},
-                                         {"defense": dfn.payload(atk.display), "seed": seed,
-                                          "reserve": reserve},
-                                         {"defense": _version("defense", dfn)}))
+                    def purify(dfn: PluginRef) -> PurifyJob:
+                        defense = instance("defense", dfn.name, dfn.config_for(atk.display))
+                        return add(PurifyJob(
+                            label=f"purify {ds.display}/{model.display}/{atk.display}/{dfn.display}/s{seed}",
+                            cell=Cell(**a_where, defense=dfn.display), seed=seed,
+                            versions={"defense": str(defense.version)}, plugin=plugin_info(defense),
+                            defense=call(dfn, atk.display), reserve=reserve, train=train.key))
 
                     for dfn in spec.defenses:
                         row = purify(dfn)
                         for ev in spec.evaluators:
-                            ev_obj = evaluators[(ev.display, atk.display)]
-                            deps = [train.key, row.key] + ([clean.key] if ev_obj.needs_clean_model else [])
-                            deps += [purify(PluginRef.model_validate(r)).key for r in ev_obj.needs_defenses]
-                            add(_make("evaluate",
-                                      f"evaluate {ds.display}/{model.display}/{atk.display}/{dfn.display}/{ev.display}/s{seed}",
-                                      deps, {**row.attrs, "evaluator": ev.display},
-                                      {"evaluator": ev.payload(atk.display), "seed": seed,
-                                       "reserve": reserve},
-                                      {"evaluator": str(ev_obj.version)}))
+                            evaluator = instance("evaluator", ev.name, ev.config_for(atk.display))
+                            defended = tuple((r["name"], purify(PluginRef.model_validate(r)).key)
+                                             for r in evaluator.needs_defenses)
+                            add(EvaluateJob(
+                                label=f"evaluate {ds.display}/{model.display}/{atk.display}/{dfn.display}/"
+                                      f"{ev.display}/s{seed}",
+                                cell=row.cell.model_copy(update={"evaluator": ev.display}), seed=seed,
+                                versions={"evaluator": str(evaluator.version)}, plugin=plugin_info(evaluator),
+                                evaluator=call(ev, atk.display), reserve=reserve, train=train.key,
+                                purified=row.key, clean=clean.key if evaluator.needs_clean_model else None,
+                                defended=defended, metrics=metric_infos(evaluator)))
     return list(jobs.values())

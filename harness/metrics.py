@@ -13,6 +13,8 @@ All rates are fractions in [0, 1] (leaderboards print them as percentages).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -49,13 +51,22 @@ def defense_effectiveness_rate(asr_before: float, asr_after: float, acc_before: 
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 
-def score(model, clean_test, poisoned_test, device) -> dict[str, float]:
+class Scores(NamedTuple):
+    """What :func:`score` measures of one model: clean accuracy, attack success rate and robust
+    accuracy, each a fraction in [0, 1] as defined above."""
+
+    clean_acc: float
+    asr: float
+    robust_acc: float
+
+
+def score(model, clean_test, poisoned_test, device) -> Scores:
     """Clean accuracy, ASR and robust accuracy of any model on a cell's test sets
     (for evaluators that build models of their own: retuned, interpolated ...)."""
     from .train import predict
 
     pred_clean = predict(model, clean_test.images, device)
     pred_poison = predict(model, poisoned_test.images, device)
-    return {"clean_acc": accuracy(pred_clean, clean_test.labels),
-            "asr": attack_success_rate(pred_poison, poisoned_test.labels),
-            "robust_acc": robust_accuracy(pred_poison, poisoned_test.meta["true_labels"])}
+    return Scores(clean_acc=accuracy(pred_clean, clean_test.labels),
+                  asr=attack_success_rate(pred_poison, poisoned_test.labels),
+                  robust_acc=robust_accuracy(pred_poison, poisoned_test.meta["true_labels"]))

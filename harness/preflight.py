@@ -10,7 +10,7 @@ jobs) then costs one minute of a lease, not a grid.
 What runs: the harness's own run path (a :class:`~backdoor_harness.matrix.MatrixSpec`
 built in memory, :func:`~backdoor_harness.matrix.expand`, a
 :class:`~backdoor_harness.store.Store` in a temporary work directory, the
-:class:`~backdoor_harness.runner.Runner` and so the trainer's CUDA paths, bf16
+:class:`~backdoor_harness.handlers.JobRunner` and so the trainer's CUDA paths, bf16
 autocast and channels_last, whenever the device is CUDA) on tiny inputs:
 
 - data: 100 random uint8 32x32 training images and 50 test images in 10
@@ -72,7 +72,6 @@ import torch
 from pydantic import BaseModel
 from torch.overrides import TorchFunctionMode
 
-from .cli import PREFLIGHT_BUDGET_S, preflight_arguments
 from .errors import HarnessError
 
 #: The integer config fields that count loop iterations (a field is one when it is named so, or ends in
@@ -83,13 +82,11 @@ BUDGET = ("epochs", "rounds", "iterations", "iters", "steps")
 TRAIN_PER_CLASS, TEST_PER_CLASS, RESERVE_PER_CLASS, NUM_CLASSES, IMAGE_SIZE = 10, 5, 2, 10, 32
 MODEL = {"name": "tiny_cnn", "kwargs": {"width": 8}}
 RECIPE = {"base": "cpu-quick", "epochs": 1}
-#: the data-set source whose augmentation (random crop + flip) and key the synthetic images stand in for
-DATASET = "cifar10"
 #: the device the CPU audit runs on: a CPU device with an index, which tensors created on it do not keep
 AUDIT_DEVICE = torch.device("cpu", 0)
 
 #: seconds after which no job starts (one minute of a GPU lease; on one CPU thread the run takes about 10 s)
-DEFAULT_BUDGET_S = PREFLIGHT_BUDGET_S
+DEFAULT_BUDGET_S = 60.0
 
 
 def _shrunk(model: type[BaseModel], default: BaseModel | None) -> dict[str, Any]:
@@ -123,19 +120,34 @@ def quick_config(name: str, kind: str = "defense") -> dict[str, Any]:
 
 def synthetic_data(seed: int = 0) -> tuple[Any, Any]:
     """The preflight's train and test sets: random uint8 32x32 images, labels ``arange(n) % 10``,
-    with the augmentation of the :data:`DATASET` source (so the trainer's crop and flip run)."""
-    from .data import ImageSet
-    from .registry import get_class
+    with the default augmentation (random crop and flip, so the trainer's crop and flip run)."""
+    from .data import Augmentation, ImageSet
 
     g = torch.Generator().manual_seed(seed)
     classes = [str(i) for i in range(NUM_CLASSES)]
-    augmentation = get_class("dataset", DATASET).augmentation
+    augmentation = Augmentation()
     sets = []
     for per_class in (TRAIN_PER_CLASS, TEST_PER_CLASS):
         n = per_class * NUM_CLASSES
         images = torch.randint(0, 256, (n, 3, IMAGE_SIZE, IMAGE_SIZE), generator=g, dtype=torch.uint8)
         sets.append(ImageSet(images, torch.arange(n) % NUM_CLASSES, classes, augmentation=augmentation))
     return sets[0], sets[1]
+
+
+def stand_in_dataset() -> str:
+    """The data-set source the synthetic images stand in for: the first installed one that needs no
+    options. Only its name and version enter the preflight's job keys; its files are never read."""
+    from .errors import HarnessError
+    from .registry import instance, names
+
+    for name in names("dataset"):
+        try:
+            instance("dataset", name)
+        except HarnessError:
+            continue
+        return name
+    raise HarnessError("no installed data-set source works without options; the preflight needs one to "
+                       "label its synthetic data (install backdoor-harness's built-in data sets)")
 
 
 def tiny_spec(attack: dict, defense: dict | None = None, evaluator: dict | None = None):
@@ -147,7 +159,7 @@ def tiny_spec(attack: dict, defense: dict | None = None, evaluator: dict | None 
 
     return MatrixSpec.model_validate({
         "name": "preflight",
-        "datasets": [{"name": DATASET, "label": "synthetic", "reserve_per_class": RESERVE_PER_CLASS}],
+        "datasets": [{"name": stand_in_dataset(), "label": "synthetic", "reserve_per_class": RESERVE_PER_CLASS}],
         "models": [MODEL], "attacks": [attack],
         "defenses": [defense or names("defense")[0]], "evaluators": [evaluator or names("evaluator")[0]],
         "recipe": RECIPE, "seeds": [0]})
@@ -336,13 +348,15 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 
 def _runner_class():
-    from .runner import Runner
+    from .handlers import JobRunner
 
-    class PreflightRunner(Runner):
+    class PreflightRunner(JobRunner):
         """The runner on the synthetic data, remembering the exception a job raised."""
 
-        synthetic: tuple = ()
-        last_exception: BaseException | None = None
+        def __init__(self, store, device: torch.device, synthetic: tuple):
+            super().__init__(store, {}, device, progress=False, compile=False)
+            self.synthetic = synthetic
+            self.last_exception: BaseException | None = None
 
         def data(self, spec: dict):
             return self.synthetic
@@ -379,9 +393,7 @@ class Preflight:
         self.device, self.budget_s, self.log, self.say = device, budget_s, log, say
         self.t0 = time.monotonic() if started is None else started
         self.store = Store(workdir)
-        self.runner = _runner_class()(self.store, device, progress=False)
-        self.runner.synthetic = synthetic_data()
-        self.runner.compile = False
+        self.runner = _runner_class()(self.store, device, synthetic_data())
         self.outcomes: list[Outcome] = []
         self._clean: Outcome | None = None
 
@@ -415,7 +427,7 @@ class Preflight:
         if self._over():
             self._skip(out, f"budget ({self.budget_s:g} s) spent before {job.kind} {job.label} could start")
             return False
-        self.runner._jobs[job.key] = job
+        self.runner.jobs[job.key] = job
         self.runner.last_exception = None
         rec = self.runner.run_job(job)
         if rec.status == "done" and self.device.type == "cuda":
@@ -452,7 +464,7 @@ class Preflight:
         except Exception as exc:  # its config does not validate, or expand() fails on it
             return self._fail(out, exc, traceback.format_exc(), "building its jobs")
         for job in _upstream(target, jobs):
-            if job.kind == "train" and job.payload["attack"] is None:  # the clean reference model
+            if job.kind == "train" and job.attack is None:  # the clean reference model
                 if self._clean is None:
                     self._clean = Outcome("core", "clean_model")
                     self.outcomes.insert(len(self.outcomes) - 1, self._clean)
@@ -476,7 +488,7 @@ class Preflight:
             def make():
                 jobs = {j.key: j for j in expand(tiny_spec(**refs))}
                 if kind == "attack":
-                    target = next(j for j in jobs.values() if j.kind == "train" and j.payload["attack"])
+                    target = next(j for j in jobs.values() if j.kind == "train" and j.attack)
                 else:
                     target = next(j for j in jobs.values() if j.kind == {"defense": "purify",
                                                                          "evaluator": "evaluate"}[kind])
@@ -520,18 +532,24 @@ def _upstream(target, jobs: dict) -> list:
 # The command
 # --------------------------------------------------------------------------
 
-USAGE = "python -m backdoor_harness.preflight --device {cpu,cuda[:N]} [--budget-s S] --out DIR [--no-audit]"
+USAGE = "--device {cpu,cuda[:N]} [--budget-s S] --out DIR [--no-audit]"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"preflight: error: {message} (usage: {USAGE})\n")
+        self.exit(2, f"preflight: error: {message} (usage: {self.prog} {USAGE})\n")
 
 
 def build_parser(prog: str = "python -m backdoor_harness.preflight") -> argparse.ArgumentParser:
+    """The preflight's arguments (``harness preflight`` and ``python -m backdoor_harness.preflight``)."""
     p = _Parser(prog=prog, description="Run every registered attack, defense and evaluator in one tiny job "
                                        "each on a device, within a wall-clock budget.")
-    preflight_arguments(p)
+    p.add_argument("--device", required=True, help="cuda, cuda:N or cpu")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"no job starts after this many seconds (default {DEFAULT_BUDGET_S:g})")
+    p.add_argument("--out", required=True, help="folder for preflight.json and preflight.log (created)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="on the CPU: run on plain cpu, without the device audit (see the preflight module's doc)")
     return p
 
 
@@ -562,7 +580,7 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, float, Path]:
 
 def _execute(device: torch.device, run_device: torch.device, budget: float, log_path: Path, t0: float,
              audit: bool) -> tuple[str, list[Outcome], DeviceAudit | None]:
-    from .runner import device_name
+    from .handlers import device_name
 
     where = device_name(device)
     with open(log_path, "w") as log_file, tempfile.TemporaryDirectory(prefix="preflight-") as workdir:
@@ -625,8 +643,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None, prog: str = "python -m backdoor_harness.preflight") -> int:
+    return run(build_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":

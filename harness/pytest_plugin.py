@@ -8,7 +8,7 @@ third-party plugin packages alike, gets:
 - the fixture ``harness_matrix``: ``harness_matrix(spec)`` runs a matrix (a
   :class:`~backdoor_harness.matrix.MatrixSpec`, a mapping, or a YAML path) in
   a temporary work directory and returns its cells
-  (:func:`backdoor_harness.leaderboard.render.collect`); the same spec runs
+  (:func:`backdoor_harness.results.collect`); the same spec runs
   once per test session;
 - the fixture ``harness_golden``: ``harness_golden(path)`` runs a golden
   file's matrix for seed 0 and fails with one line per check that does not
@@ -22,9 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    from .results import ResultCell
 
 
 def pytest_configure(config):
@@ -43,15 +46,15 @@ def _spec(spec: Any):
 
 
 @pytest.fixture(scope="session")
-def harness_matrix(tmp_path_factory) -> Callable[[Any], list[dict]]:
-    """``run(spec) -> cells``: run a matrix once per session and return its leaderboard cells."""
-    from .leaderboard.render import collect
-    from .runner import run_matrix
+def harness_matrix(tmp_path_factory) -> Callable[[Any], list[ResultCell]]:
+    """``run(spec) -> cells``: run a matrix once per session and return its result cells."""
+    from .results import collect
+    from .scheduler import run_matrix
     from .store import Store
 
-    done: dict[str, list[dict]] = {}
+    done: dict[str, list[ResultCell]] = {}
 
-    def run(spec: Any) -> list[dict]:
+    def run(spec: Any) -> list[ResultCell]:
         spec = _spec(spec)
         digest = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
         if digest not in done:
@@ -68,11 +71,11 @@ def harness_matrix(tmp_path_factory) -> Callable[[Any], list[dict]]:
 
 
 @pytest.fixture(scope="session")
-def harness_golden(harness_matrix) -> Callable[..., list[dict]]:
+def harness_golden(harness_matrix) -> Callable[..., list[ResultCell]]:
     """``check(path, seed=0) -> cells``: run a golden file's matrix and fail on every check that does not hold."""
     from .golden import compare, golden_spec, load_golden
 
-    def check(path: str | Path, seed: int = 0) -> list[dict]:
+    def check(path: str | Path, seed: int = 0) -> list[ResultCell]:
         doc = load_golden(path)
         cells = harness_matrix(golden_spec(doc, seed))
         failures = compare(cells, doc)

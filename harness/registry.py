@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import json
 import os
 import sys
 from typing import Any
@@ -26,6 +27,7 @@ KINDS = {"attack": "harness_attacks", "defense": "harness_defenses",
 
 _pm: pluggy.PluginManager | None = None
 _tables: dict[str, dict[str, tuple[type, str]]] | None = None
+_instances: dict[tuple[str, str, str], Any] = {}
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -52,12 +54,14 @@ def reset() -> None:
     """Forget the plugin manager and tables (tests, or after installing a plugin)."""
     global _pm, _tables
     _pm, _tables = None, None
+    _instances.clear()
 
 
 def register(plugin: object, name: str | None = None) -> None:
     """Register an in-process plugin (a module or object with hook implementations)."""
     global _tables
     get_plugin_manager().register(plugin, name=name)
+    _instances.clear()
     _tables = None
 
 
@@ -99,7 +103,7 @@ def get_class(kind: str, name: str) -> type:
     if name not in table:
         close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise HarnessError(f"unknown {kind} {name!r}.{hint} Installed: {', '.join(sorted(table)) or 'none'} "
+        raise HarnessError(f"unknown {kind} {name!r}.{hint} Installed: {', '.join(sorted(table)) or '(nothing)'} "
                            f"(see `harness list {kind}s`).")
     return table[name][0]
 
@@ -124,10 +128,21 @@ def create(kind: str, name: str, **config: Any) -> Any:
     try:
         cfg = cls.Config(**config)
     except ValidationError as err:
-        fields = ", ".join(cls.Config.model_fields) or "none"
+        fields = ", ".join(cls.Config.model_fields) or "(no keys)"
         raise HarnessError(format_validation_error(err, f"{kind} {name!r}") +
                            f"\n  valid keys of {kind} {name!r}: {fields}") from None
     return cls(cfg)
+
+
+def instance(kind: str, name: str, config: dict[str, Any] | None = None) -> Any:
+    """The plugin ``name`` with ``config``, created once per process and config (validation errors
+    as :func:`create`). Shared: use it for plugins that keep no state between calls (defenses,
+    evaluators, and attacks only to read their declarations); an attack that loads generated or
+    learned state gets its own :func:`create`."""
+    memo = (kind, name, json.dumps(config or {}, sort_keys=True, default=str))
+    if memo not in _instances:
+        _instances[memo] = create(kind, name, **(config or {}))
+    return _instances[memo]
 
 
 def names(kind: str, pattern: str = "*") -> list[str]:

@@ -26,7 +26,9 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+#: 2: records carry the cell (typed ``attrs``), the plugin's facts (``plugin``) and the evaluator's
+#: metric metadata (``metric_info``); schema-1 records get them from :func:`backdoor_harness.results.upgrade`
+SCHEMA_VERSION = 2
 
 Status = Literal["running", "done", "failed", "skipped", "blocked"]
 #: done and skipped (the plugin cannot run this cell) are final; failed and
@@ -34,6 +36,78 @@ Status = Literal["running", "done", "failed", "skipped", "blocked"]
 FINAL = ("done", "skipped")
 #: what :meth:`Store.claim` answers for a job another run has finished meanwhile
 FINISHED = "finished"
+
+
+class Cell(BaseModel):
+    """Where a job sits in the matrix: the names (labels) of its data set, model, attack,
+    defense and evaluator, its seed and the attack's configured poison rate. A job has the
+    fields of its kind only (a train job no defense, a prepare job of a model-free attack no
+    model); ``role`` tells a train job's model (``attacked`` or ``clean``) and marks a
+    prepare job's (``resource``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str
+    seed: int
+    model: str | None = None
+    attack: str | None = None
+    poison_rate: float | None = None
+    defense: str | None = None
+    evaluator: str | None = None
+    role: Literal["attacked", "clean", "resource"] | None = None
+
+
+class Metric(BaseModel):
+    """A metric an evaluator declares (``Evaluator.metrics``), and how results show and check it:
+    every evaluate record carries it (``JobRecord.metric_info``), so leaderboards and golden checks
+    read it from the records.
+
+    Attributes:
+        higher_is_better: which way is better for the defender.
+        doc: one line: what it measures.
+        curve: a list of numbers kept whole in the record (boards show only numbers).
+        title: its column title on leaderboards (default: the metric's name).
+        percent: on the scale of a rate in [0, 1] (a rate, or a score or difference of rates such
+            as DER or an accuracy barrier), shown as a percentage; ``False`` for anything else
+            (an interpolation coefficient t, a count, a loss), shown as it is.
+        board: its column's position on leaderboard boards (ascending); ``None``: not a board column.
+            Board columns are single numbers (never a ``curve``) and unique across installed metrics.
+        one_sided: golden checks test it one way only; otherwise a drift either way beyond the
+            tolerance fails. A one-sided higher-is-better metric must not drop (in every row). A
+            one-sided lower-is-better metric must not rise, except in a ``Defense.baseline`` row,
+            where it measures the attack (which must keep working): there it must not drop.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    higher_is_better: bool
+    doc: str = ""
+    curve: bool = False
+    title: str = ""
+    percent: bool = True
+    board: int | None = None
+    one_sided: bool = False
+
+
+class PluginInfo(BaseModel):
+    """The plugin a job ran (a train or prepare job's attack, a purify job's defense, an
+    evaluate job's evaluator) as the job saw it: its config with every default filled in, and
+    the facts results need about it.
+
+    Attributes:
+        oracle: a defense that needs the real trigger (``needs: oracle_trigger``).
+        baseline: a defense that returns the model as it is (the undefended row).
+        substitute: an attack whose trigger replaces the reference one: what replaces it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    oracle: bool = False
+    baseline: bool = False
+    substitute: str | None = None
 
 
 class JobRecord(BaseModel):
@@ -46,7 +120,7 @@ class JobRecord(BaseModel):
     kind: str
     label: str
     status: Status
-    attrs: dict[str, Any] = Field(default_factory=dict)
+    attrs: Cell
     config: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     deps: list[str] = Field(default_factory=list)
@@ -59,19 +133,22 @@ class JobRecord(BaseModel):
     harness_version: str | None = None
     artifact: str | None = None
     artifact_sha256: str | None = None
+    plugin: PluginInfo | None = None
+    metric_info: dict[str, Metric] = Field(default_factory=dict)
 
 
 def job_record(job: Any, status: Status, **fields: Any) -> JobRecord:
-    """A record of ``job`` (a :class:`~backdoor_harness.matrix.Job`) started now, with the harness version."""
+    """A record of ``job`` (a typed job of :mod:`backdoor_harness.jobs`) started now: its cell,
+    config, versions, upstream keys, plugin and metric metadata, and the harness version."""
     from . import __version__
 
-    return JobRecord(key=job.key, kind=job.kind, label=job.label, status=status, attrs=job.attrs,
+    return JobRecord(key=job.key, kind=job.kind, label=job.label, status=status, attrs=job.cell,
                      config=job.payload, versions=job.versions, deps=job.deps, started=time.time(),
-                     harness_version=__version__, **fields)
+                     harness_version=__version__, plugin=job.plugin, metric_info=job.metric_info, **fields)
 
 
 _COLUMNS = list(JobRecord.model_fields)
-_JSON = {"attrs", "config", "versions", "deps", "metrics"}
+_JSON = {"attrs", "config", "versions", "deps", "metrics", "plugin", "metric_info"}
 
 
 def sha256_file(path: Path) -> str:
@@ -138,6 +215,13 @@ class Store(Records):
         self.db.execute("PRAGMA journal_mode=WAL")
         cols = ", ".join(f"{c} TEXT" if c != "key" else "key TEXT PRIMARY KEY" for c in _COLUMNS)
         self.db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({cols})")
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        for c in _COLUMNS:  # a store written by an older schema: the new fields start empty
+            if c not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {c} TEXT")
+                except sqlite3.OperationalError:  # another run added it meanwhile
+                    pass
         self.db.execute("CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, run TEXT, since REAL)")
 
     def close(self) -> None:
@@ -145,7 +229,8 @@ class Store(Records):
 
     def put(self, rec: JobRecord) -> None:
         """Store ``rec``; a final outcome (not ``running``) also releases the job's claim."""
-        row = [json.dumps(getattr(rec, c)) if c in _JSON else getattr(rec, c) for c in _COLUMNS]
+        data = rec.model_dump(mode="json")
+        row = [json.dumps(data[c]) if c in _JSON else data[c] for c in _COLUMNS]
         marks = ", ".join("?" for _ in _COLUMNS)
         with self._transaction():
             self.db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({marks})", row)

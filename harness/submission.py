@@ -58,8 +58,18 @@ def export(records: Iterable[JobRecord], path: str | Path) -> int:
     return len(lines)
 
 
-def read_records(path: str | Path) -> list[JobRecord]:
-    """Parse a JSONL file of records; every bad line is named (file:line: what, how to fix)."""
+#: the oldest record schema :func:`read_records` reads (older records are upgraded, see
+#: :func:`backdoor_harness.results.upgrade`)
+OLDEST_SCHEMA = 1
+
+
+def read_records(path: str | Path, current_only: bool = False) -> list[JobRecord]:
+    """Parse a JSONL file of records; every bad line is named (file:line: what, how to fix).
+    Records of an older schema (the published leaderboard's) are upgraded with the facts the
+    installed plugins give (:func:`backdoor_harness.results.upgrade_all`); ``current_only`` refuses
+    them instead (a submission carries the facts of its own run)."""
+    from .results import upgrade_all
+
     path = Path(path)
     if not path.exists():
         raise HarnessError(f"{path}: no such file (write one with `harness export --workdir W --out {path}`)")
@@ -72,9 +82,12 @@ def read_records(path: str | Path) -> list[JobRecord]:
         except json.JSONDecodeError as err:
             problems.append(f"{path}:{n}: not JSON ({err.msg})")
             continue
-        if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-            problems.append(f"{path}:{n}: schema_version {raw['schema_version']}, this harness reads "
-                            f"{SCHEMA_VERSION}; export it again with this harness version")
+        version = raw.get("schema_version", SCHEMA_VERSION) if isinstance(raw, dict) else SCHEMA_VERSION
+        if version not in range(SCHEMA_VERSION if current_only else OLDEST_SCHEMA, SCHEMA_VERSION + 1):
+            reads = (f"{SCHEMA_VERSION}" if current_only or OLDEST_SCHEMA == SCHEMA_VERSION
+                     else f"{OLDEST_SCHEMA} to {SCHEMA_VERSION}")
+            problems.append(f"{path}:{n}: schema_version {version}, this harness reads {reads}"
+                            f"{' here' if current_only else ''}; export it again with this harness version")
             continue
         try:
             records.append(JobRecord.model_validate(raw))
@@ -84,7 +97,7 @@ def read_records(path: str | Path) -> list[JobRecord]:
             problems.append(f"{path}:{n}: {where}: {first['msg']} (see leaderboard/schema/"
                             f"record-v{SCHEMA_VERSION}.json)")
     _raise(problems, f"{path} is not a valid export")
-    return records
+    return upgrade_all(records)
 
 
 def _raise(problems: list[str], headline: str) -> None:
@@ -142,7 +155,7 @@ def check_submission(records: list[JobRecord], jobs: dict[str, Job]) -> list[str
 def add_submission(path: str | Path, published: str | Path = PUBLISHED) -> tuple[int, int, Path]:
     """Validate a submission and append it to the published records.
     Returns (added, already published, the file written)."""
-    records = read_records(path)
+    records = read_records(path, current_only=True)
     jobs, folder = published_jobs(published)
     _raise(check_submission(records, jobs), f"{path} refused")
     done = set()

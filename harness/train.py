@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
 import torch.nn as nn
@@ -80,6 +80,33 @@ class Recipe(BaseModel):
     hflip: bool | None = None
     sam_rho: float = Field(default=0.0, ge=0)
     sam_adaptive: bool = True
+
+    @classmethod
+    def tuning(cls, config: Any, **overrides: Any) -> "Recipe":
+        """The recipe of a plugin's own training, from its config: every field of ``config``
+        (a pydantic model, e.g. a plugin's ``Config``, or a mapping) named like a recipe field
+        (``epochs``, ``lr``, ``batch_size``, ``momentum``, ``weight_decay``, ``schedule``,
+        ``augment``, ...), then ``overrides`` over them; the rest keep the recipe's defaults.
+
+        A config field of another name, or one the recipe must not take, goes through
+        ``overrides``: ``Recipe.tuning(cfg, epochs=cfg.tune_epochs, schedule="constant")``.
+        Other config fields (a defense's thresholds, ...) are ignored.
+
+        Raises:
+            HarnessError: an override that is not a recipe field.
+        """
+        unknown = sorted(set(overrides) - set(cls.model_fields))
+        if unknown:
+            raise HarnessError(f"Recipe.tuning: {', '.join(map(repr, unknown))} is not a recipe field; "
+                               f"recipe fields: {', '.join(cls.model_fields)}")
+        if isinstance(config, BaseModel):
+            present = {k: getattr(config, k) for k in type(config).model_fields if k in cls.model_fields}
+        elif isinstance(config, Mapping):
+            present = {k: v for k, v in config.items() if k in cls.model_fields}
+        else:
+            raise HarnessError(f"Recipe.tuning: a config is a pydantic model or a mapping, "
+                               f"got {type(config).__name__}")
+        return cls(**{**present, **overrides})
 
     def payload(self) -> dict:
         """What enters a job key: fields added after CORE_VERSION 2 only when they differ
@@ -272,12 +299,15 @@ def sam_ascent(params: list[torch.Tensor], rho: float, adaptive: bool, eta: floa
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepInfo], torch.Tensor]
+#: ``on_epoch(epoch, loss) -> False to stop`` (see :func:`fit`)
+EpochCallback = Callable[[int, float], "bool | None"]
 
 
 def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, device: torch.device,
         generator: torch.Generator, loss_fn: LossFn | None = None, desc: str = "train",
         progress: bool = True, after_step: Callable[[nn.Module], None] | None = None,
-        compile: bool = False, augmentation: Augmentation | None = None) -> dict[str, float]:
+        compile: bool = False, augmentation: Augmentation | None = None,
+        on_epoch: EpochCallback | None = None) -> dict[str, float]:
     """Train ``model`` in place on ``data`` with ``recipe``.
 
     Args:
@@ -301,6 +331,14 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
             the cell's data set); default: ``data.augmentation`` when ``data``
             carries one (an ``ImageSet`` loaded from a source, or a subset of
             one such as the defender's reserve), else crop 4 + flip.
+        on_epoch: called after every epoch (after its last ``after_step`` and the
+            epoch's learning-rate step) as ``on_epoch(epoch, loss)``: ``epoch`` the
+            index of the epoch just finished (0-based, as :class:`StepInfo`'s),
+            ``loss`` its last step's loss as a float. It may evaluate the model
+            (the next epoch puts it back in train mode). Returning ``False`` (not
+            merely falsy: ``None`` goes on) stops training there, e.g. early
+            stopping on a validation loss; nothing more is then drawn from
+            ``generator``.
 
     The shuffling and augmentation of an epoch are drawn at its start (on the
     CPU generator) and moved to the device at once, and the poisoned positions
@@ -308,7 +346,8 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     device.
 
     Returns:
-        ``{"images_per_s", "wall_s", "final_loss"}``; the model is left in eval mode.
+        ``{"images_per_s", "wall_s", "final_loss"}`` (over the epochs run, fewer than the
+        recipe's when ``on_epoch`` stopped training); the model is left in eval mode.
     """
     if len(data.labels) == 0:
         raise HarnessError(f"{desc}: the training set is empty")
@@ -335,6 +374,7 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     t0 = time.perf_counter()
     loss = torch.zeros((), device=device)
     num_classes = int(getattr(model, "num_classes", None) or labels.max().item() + 1)
+    epochs_run = 0
     for epoch in range(recipe.epochs):
         perm_cpu = torch.randperm(n, generator=generator)
         draws = [perm_cpu]
@@ -381,12 +421,17 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
             bar.update(len(idx), None)
         if sched is not None:
             sched.step()
+        epochs_run += 1
+        if on_epoch is not None:
+            if on_epoch(epoch, float(loss.detach())) is False:
+                break
+            model.train()
     model.eval()  # a trained model is handed on for inference; BN statistics stay as trained
     wall = time.perf_counter() - t0
     final = float(loss.detach())
     if not math.isfinite(final):
         raise HarnessError(f"{desc}: training diverged (loss {final}); lower the recipe's lr")
-    return {"images_per_s": recipe.epochs * n / wall, "wall_s": wall, "final_loss": final}
+    return {"images_per_s": epochs_run * n / wall, "wall_s": wall, "final_loss": final}
 
 
 @torch.inference_mode()

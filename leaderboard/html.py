@@ -30,7 +30,7 @@ from html import escape
 from typing import Any, Iterable
 
 from .plots import curves
-from .render import LEGEND, column, fmt_value, group_name, title
+from .render import LEGEND, fmt_value, group_name, title
 
 #: colours of the defenses, in order of first appearance on the page: Tableau 10, then the rest of
 #: Tableau 20 (so 20 defenses before a colour repeats)
@@ -127,7 +127,7 @@ def _entry_cell(entry: dict, reasons: list[str]) -> str:
     """A metric cell: the value (or status, or a dash), the reported number small beside it."""
     if entry["value"] is not None:
         attrs = f' data-v="{entry["value"]!r}"' + (' class="best"' if entry["best"] else "")
-        text = fmt_value(entry["value"], entry["metric"])
+        text = fmt_value(entry["value"], entry["percent"])
     elif entry["status"]:
         attrs = f' class="status" title="{_e("; ".join(reasons))}"'
         text = _e(entry["status"])
@@ -135,7 +135,7 @@ def _entry_cell(entry: dict, reasons: list[str]) -> str:
         attrs, text = ' class="missing"', "—"
     if entry["reported"] is not None:
         tip = _e(f"reported: {entry['source'] or 'source unknown'}")
-        text += f'<small class="rep" title="{tip}">({fmt_value(entry["reported"], entry["metric"])})</small>'
+        text += f'<small class="rep" title="{tip}">({fmt_value(entry["reported"], entry["percent"])})</small>'
     return f"<td{attrs}>{text}</td>"
 
 
@@ -146,7 +146,7 @@ def _row(board: dict, row: dict, colours: dict[str, str]) -> str:
     for g in _groups(board):
         entries = row["avg"] if g == "avg" else row["cells"][g]
         reasons = [n for n in board["notes"] if n.startswith(f"{d} / {g} / ")]
-        cells += [_entry_cell(entries[m], reasons) for m in board["columns"]]
+        cells += [_entry_cell(entries[c.metric], reasons) for c in board["columns"]]
     cost = row["cost_s"]
     cells.append(f'<td data-v="{cost!r}">{cost:.1f}</td>' if cost is not None else '<td class="missing">—</td>')
     device = ", ".join(row["device"])
@@ -167,8 +167,7 @@ def _head(board: dict) -> str:
     top += [_sort_th(n, "cost (s)", "num", "ascending", ' rowspan="2"'),
             _sort_th(n + 1, "device", "text", "ascending", ' rowspan="2"')]
     sub = []
-    for i, (g, m) in enumerate((g, m) for g in groups for m in metrics):
-        col = column(m)
+    for i, (g, col) in enumerate((g, c) for g in groups for c in metrics):
         better = "higher" if col.higher_is_better else "lower"
         first = "descending" if col.higher_is_better else "ascending"
         sub.append(_sort_th(1 + i, col.title, "num", first, f' title="{_e(f"{g} {col.title}: {better} is better")}"'))
@@ -279,7 +278,7 @@ def _pct(entry: dict) -> float | None:
 
 def scatter(board: dict, colours: dict[str, str]) -> str:
     """C-Acc (x) against ASR (y), one point per (defense, attack) cell with both; empty when none."""
-    if not {"clean_acc", "asr"} <= set(board["columns"]):
+    if not {"clean_acc", "asr"} <= {c.metric for c in board["columns"]}:
         return ""
     points = [(row["defense"], atk, _pct(row["cells"][atk]["clean_acc"]), _pct(row["cells"][atk]["asr"]))
               for row in board["rows"] for atk in board["attacks"]]
@@ -300,7 +299,7 @@ def scatter(board: dict, colours: dict[str, str]) -> str:
 
 def retune_bars(board: dict) -> str:
     """O-ASR and P-ASR side by side per (attack, defense) cell with both; empty when no cell has both."""
-    if not {"asr", "retune_asr"} <= set(board["columns"]):
+    if not {"asr", "retune_asr"} <= {c.metric for c in board["columns"]}:
         return ""
     pairs = [(atk, row["defense"], _pct(row["cells"][atk]["asr"]), _pct(row["cells"][atk]["retune_asr"]))
              for atk in board["attacks"] for row in board["rows"]]

@@ -17,19 +17,21 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from backdoor_harness.store import JobRecord
 
-def _get(rec: Any, name: str) -> Any:
-    return rec.get(name) if isinstance(rec, dict) else getattr(rec, name)
+
+def _typed(records: Iterable[Any]) -> list[JobRecord]:
+    return [r if isinstance(r, JobRecord) else JobRecord.model_validate(r) for r in records]
 
 
 def curves(records: Iterable[Any]) -> dict[tuple, dict[str, tuple[list[float], list[float]]]]:
     """``(dataset, model, attack, metric) -> {defense: (t, mean y)}``."""
     acc: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     grids: dict[tuple, list[float]] = {}
-    for rec in records:
-        if _get(rec, "kind") != "evaluate" or _get(rec, "status") != "done":
+    for rec in _typed(records):
+        if rec.kind != "evaluate" or rec.status != "done":
             continue
-        a, m = _get(rec, "attrs"), _get(rec, "metrics") or {}
+        a, m = rec.attrs, rec.metrics
         grid_names = [g for g, v in m.items() if g.endswith("_t") and isinstance(v, list)]
         for name, ys in m.items():
             if name in grid_names or not isinstance(ys, list):
@@ -40,9 +42,9 @@ def curves(records: Iterable[Any]) -> dict[tuple, dict[str, tuple[list[float], l
             grid = m[max(owners, key=len)]
             if len(ys) != len(grid):
                 continue
-            key = (a["dataset"], a["model"], a["attack"], name)
-            acc[key][a["defense"]].append(ys)
-            grids[key + (a["defense"],)] = grid
+            key = (a.dataset, a.model, a.attack, name)
+            acc[key][a.defense].append(ys)
+            grids[key + (a.defense,)] = grid
     return {key: {d: (grids[key + (d,)], np.mean(ys, axis=0).tolist()) for d, ys in by_def.items()}
             for key, by_def in acc.items()}
 
@@ -51,9 +53,12 @@ def write_curve_plots(records: Iterable[Any], folder: str | Path,
                       axis_labels: dict[str, str] | None = None) -> list[Path]:
     """Write one PNG and one SVG per curve group into ``folder``; returns the paths.
 
-    ``axis_labels`` maps a metric name to its axis label (default: the name).
+    ``axis_labels`` maps a metric name to its axis label (default: each curve metric's ``doc`` in
+    the records' metric metadata, else the name).
     """
-    labels = axis_labels or {}
+    records = _typed(records)
+    labels = axis_labels if axis_labels is not None else {
+        name: info.doc or name for rec in records for name, info in rec.metric_info.items() if info.curve}
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,22 +1,22 @@
-"""The leaderboard: a pure function of job records.
+"""The leaderboard: a pure function of job records, read through :mod:`backdoor_harness.results`.
 
 One board per (data set, model, poison rate). Rows are defenses: the
-undefended model (``none``) first, then EP (the reference purification),
-then the others in the order the records first name them (the matrix's
-order). Per attack, the columns C-Acc, ASR (O-ASR), RA, DER, P-ASR
-(retuning), the clean model's P-ASR, QRA's P-ASR, the clean model's ASR
-(rates in percent) and the LMC escape point (a t in [0, 1]); a board shows
-only the columns some cell of it has. Then the same columns averaged over
-the attacks (only where every attack has the value), and the defense's cost:
+baseline (a defense that returns the model as it is: the undefended row)
+first, then the oracle defenses (they use the real trigger, marked
+``(oracle)``), then the others in the order the records first name them (the
+matrix's order); both facts come from the purify records. The columns are the
+metrics whose evaluators declare a board position (``Metric.board``), in that
+order, titled, directed and formatted (percent or not) as declared, per attack
+and then averaged over the attacks (only where every attack has the value); a
+board shows only the columns some cell of it has. Then the defense's cost:
 mean wall seconds of its purify jobs and the device they ran on.
 
 Every value is a mean over seeds. A cell that failed, was blocked or skipped
 shows that status, never a number, and the reason is listed under the board;
 a cell never run shows a dash. The best value of each column among the
-defenses is marked; ``none`` (the reference) and the oracle rows (a defense
-that needs the real trigger, e.g. EP, marked ``(oracle)``) are shown but never
-marked best. Where a paper reports a number for the cell (``reported.yaml``
-beside this module, each entry citing paper and table and naming its setup in
+defenses is marked; baseline and oracle rows are shown but never marked best.
+Where a paper reports a number for the cell (``reported.yaml`` beside this
+module, each entry citing paper and table and naming its setup in
 ``setups.yaml``), it is shown beside the measured one only when the cell's
 recorded configs are that setup (:mod:`.setups`); otherwise the board's notes
 say which fields differ.
@@ -39,151 +39,54 @@ from typing import Any, Iterable
 import yaml
 from tabulate import tabulate
 
-from .setups import SETUPS_FILE, cell_setup, differences, evaluator_setup, installed_revision, load_setups
+from backdoor_harness.results import ResultCell, collect
+from backdoor_harness.store import Metric
+
+from .setups import SETUPS_FILE, differences, load_setups
 
 
 @dataclass(frozen=True)
 class Column:
-    """A metric the leaderboard shows: its evaluator key, title and direction."""
+    """A metric a board shows: its key (``metric`` or ``metric@label``), title and direction, from
+    the metric's metadata as its evaluator declared it (``Metric``)."""
 
     metric: str
     title: str
     higher_is_better: bool
     percent: bool = True
+    board: int = 0
 
 
-#: the metrics shown, in display order
-COLUMNS = (
-    Column("clean_acc", "C-Acc", True),
-    Column("asr", "ASR", False),
-    Column("robust_acc", "RA", True),
-    Column("der", "DER", True),
-    Column("retune_asr", "P-ASR", False),
-    Column("retune_asr_clean_model", "P-ASR(clean)", False),
-    Column("qra_p_asr", "QRA P-ASR", False),
-    Column("lmc_escape_t", "LMC-esc t", False, percent=False),
-    Column("clean_asr", "ASR(clean model)", False),
-)
-BY_METRIC = {c.metric: c for c in COLUMNS}
-#: rows shown first, in this order: the undefended model, then the reference purification
-FIRST_ROWS = ("none", "ep")
-#: the row that is the reference, not a contender for "best"
-REFERENCE_ROW = "none"
 #: marks an attack whose trigger is a substitute (its plugin's ``substitute``), in headers and notes
 SUBSTITUTE_MARK = "†"
 #: the published numbers shipped with the leaderboard
 REPORTED_FILE = Path(__file__).with_name("reported.yaml")
 
 
-def _get(rec: Any, name: str) -> Any:
-    return rec.get(name) if isinstance(rec, dict) else getattr(rec, name, None)
-
-
-def column(key: str) -> Column:
-    """The :class:`Column` of ``metric`` or ``metric@label``."""
+def column(key: str, info: Metric) -> Column:
+    """The :class:`Column` of ``metric`` or ``metric@label`` (titled ``<title> [label]``)."""
     metric, _, label = key.partition("@")
-    base = BY_METRIC[metric]
-    return Column(key, base.title + (f" [{label}]" if label else ""), base.higher_is_better, base.percent)
+    return Column(key, (info.title or metric) + (f" [{label}]" if label else ""), info.higher_is_better,
+                  info.percent, info.board if info.board is not None else 0)
 
 
-def _poison_rate(rec: Any, by_key: dict[str, Any]) -> float | None:
-    """The attack's configured poison rate: from the record's attrs, else from its train record, else
-    (old records of a default-rate attack) the installed attack plugin's default."""
-    rate = (_get(rec, "attrs") or {}).get("poison_rate")
-    if rate is not None:
-        return rate
-    deps = _get(rec, "deps") or []
-    train = by_key.get(deps[0]) if deps else None
-    if train is None:
-        return None
-    attack = (_get(train, "config") or {}).get("attack") or {}
-    rate = (attack.get("config") or {}).get("poison_rate", (_get(train, "metrics") or {}).get("poison_rate"))
-    if rate is None and attack.get("name"):  # records from before rates were recorded: the plugin's default
-        try:
-            from ..registry import get_class
+def _columns(group: list[ResultCell]) -> list[Column]:
+    """A board's columns: every board metric (``Metric.board`` set) some cell has a value of, or
+    else every one its cells' evaluators declare, in board order (a metric's labelled variants
+    after it, by label)."""
+    info: dict[str, Metric] = {}
+    for c in group:
+        for m, i in c.metric_info.items():
+            if i.board is not None:
+                info.setdefault(m, i)
+    present = [m for m in info if any(m in c.metrics for c in group)] or list(info)
+    first = {m.partition("@")[0]: n for n, m in reversed(list(enumerate(info)))}
 
-            rate = get_class("attack", attack["name"]).Config().poison_rate
-        except Exception:
-            rate = None
-    return rate
+    def order(key: str) -> tuple:
+        metric, _, label = key.partition("@")
+        return info[key].board, first[metric], metric, bool(label), label
 
-
-def _needs_oracle(purify: Any) -> bool:
-    """Whether the defense of a purify record needs the real trigger (``needs: oracle_trigger``)."""
-    ref = (_get(purify, "config") or {}).get("defense") or {}
-    try:
-        from ..registry import create
-
-        return "oracle_trigger" in create("defense", ref["name"], **(ref.get("config") or {})).needs
-    except Exception:
-        return False
-
-
-def _as_dict(rec: Any) -> dict[str, Any] | None:
-    if rec is None or isinstance(rec, dict):
-        return rec
-    return {k: getattr(rec, k, None) for k in ("config", "versions", "attrs", "kind")}
-
-
-def collect(records: Iterable[Any], sources: list[str] | None = None) -> list[dict[str, Any]]:
-    """Fold evaluate records into cells, one per (data set, model, poison rate, attack, defense):
-    metrics averaged over seeds, the statuses of unfinished evaluations, and the defense's cost
-    (mean wall seconds and devices of the cell's purify jobs), whether its defense is an oracle,
-    and what it ran with (``setup``, from its train and purify records, and per metric the
-    evaluator that produced it, ``evaluator_of``; see :mod:`.setups`).
-
-    ``sources`` (the name of each record's source, e.g. its records file, in the order of
-    ``records``): cells of different sources stay apart, and each cell then has its ``source``."""
-    records = list(records)
-    if sources is not None and len(sources) != len(records):
-        raise ValueError(f"{len(sources)} sources for {len(records)} records")
-    by_key = {_get(r, "key"): r for r in records if _get(r, "key")}
-    cells: dict[tuple, dict[str, Any]] = {}
-    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    costs: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
-    for rec, source in zip(records, sources or [None] * len(records)):
-        kind, a = _get(rec, "kind"), _get(rec, "attrs") or {}
-        if kind == "purify" and _get(rec, "status") == "done":
-            costs[(source, a["dataset"], a["model"], a["attack"], a["defense"])].append(
-                (_get(rec, "wall_s") or 0.0, _get(rec, "device") or "?"))
-        if kind != "evaluate":
-            continue
-        deps = _get(rec, "deps") or []
-        train, purify = (by_key.get(deps[i]) if len(deps) > i else None for i in (0, 1))
-        revision = (_get(train, "versions") or {}).get("model") if train is not None else None
-        # two revisions of one architecture never share a cell
-        key = (source, a["dataset"], a["model"], _poison_rate(rec, by_key), a["attack"], a["defense"], revision)
-        cell = cells.get(key)
-        if cell is None:  # what the cell ran with: read once, from its first evaluation's upstream records
-            cell = cells[key] = {
-                "model_revision": revision, "dataset": key[1], "model": key[2], "poison_rate": key[3],
-                "attack": key[4], "defense": key[5], "metrics": {}, "seeds": set(), "status": {},
-                "oracle": purify is not None and _needs_oracle(purify),
-                "setup": cell_setup(_as_dict(train), _as_dict(purify)), "evaluator_of": {},
-                **({"source": key[0]} if key[0] is not None else {})}
-        status = _get(rec, "status")
-        label = a.get("evaluator", "?")
-        plugin = ((_get(rec, "config") or {}).get("evaluator") or {}).get("name", label)
-        if status == "done":
-            cell["seeds"].add(a["seed"])
-            produced_by = evaluator_setup(_as_dict(rec))
-            for m, v in (_get(rec, "metrics") or {}).items():
-                if isinstance(v, (int, float)):  # curves stay in the store
-                    name = m if label == plugin else f"{m}@{label}"
-                    values[key][name].append(float(v))
-                    cell["evaluator_of"][name] = produced_by
-        else:
-            reason = (_get(rec, "error") or "").strip().splitlines()[-1:] or [""]
-            cell["status"][label] = {"status": status, "reason": reason}
-    out = []
-    for key, cell in cells.items():
-        cell["metrics"] = {m: mean(v) for m, v in values[key].items()}
-        cell["seeds"] = sorted(cell["seeds"])
-        spent = costs.get((key[0], key[1], key[2], key[4], key[5]), [])
-        cell["cost"] = {"wall_s": mean(w for w, _ in spent) if spent else None,
-                        "device": sorted({d for _, d in spent})}
-        out.append(cell)
-    return out
+    return [column(m, info[m]) for m in sorted(present, key=order)]
 
 
 def load_reported(path: str | Path | None = REPORTED_FILE, setups: str | Path | None = SETUPS_FILE
@@ -213,7 +116,7 @@ def _reported_index(reported: Iterable[dict]) -> dict[tuple, list[dict]]:
     return index
 
 
-def _match(entries: list[dict], cell: dict | None, metric: str) -> tuple[tuple[float, str] | None, list[str]]:
+def _match(entries: list[dict], cell: ResultCell | None, metric: str) -> tuple[tuple[float, str] | None, list[str]]:
     """The reported (value, source) of the first entry whose setup the cell is, else the differences
     from the setup of the cell's plain entry (one without its own attack/defense config)."""
     if not entries or cell is None:
@@ -221,7 +124,7 @@ def _match(entries: list[dict], cell: dict | None, metric: str) -> tuple[tuple[f
     found, why = [], None
     for r in entries:
         setup = r.get("setup") if isinstance(r.get("setup"), dict) else None
-        diff = differences(setup, cell.get("setup"), cell.get("evaluator_of", {}).get(metric), r)
+        diff = differences(setup, cell.setup, cell.evaluator_of.get(metric), r)
         if not diff:
             found.append(r)
         elif why is None and not (r.get("attack_config") or r.get("defense_config")):
@@ -236,33 +139,39 @@ def _match(entries: list[dict], cell: dict | None, metric: str) -> tuple[tuple[f
     return (values[0], source), []
 
 
-def _order(defenses: list[str]) -> list[str]:
-    return [d for d in FIRST_ROWS if d in defenses] + [d for d in defenses if d not in FIRST_ROWS]
+def _order(group: list[ResultCell]) -> list[str]:
+    """The rows: baseline defenses (the undefended model) first, then the oracle ones (they use the
+    real trigger), then the rest, each in the order the records first name them."""
+    defenses = list(dict.fromkeys(c.defense for c in group))
+    baseline = {c.defense for c in group if c.baseline}
+    oracle = {c.defense for c in group if c.oracle} - baseline
+    return ([d for d in defenses if d in baseline] + [d for d in defenses if d in oracle]
+            + [d for d in defenses if d not in baseline and d not in oracle])
 
 
-def _entry(cell: dict | None, metric: str, reported: tuple[float, str] | None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"value": None, "status": None, "reported": None, "source": None, "best": False}
+def _entry(cell: ResultCell | None, col: Column, reported: tuple[float, str] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"metric": col.metric, "percent": col.percent, "value": None, "status": None,
+                             "reported": None, "source": None, "best": False}
     if reported:
         entry["reported"], entry["source"] = reported
     if cell is None:
         return entry
-    if metric in cell["metrics"]:
-        entry["value"] = cell["metrics"][metric]
+    if col.metric in cell.metrics:
+        entry["value"] = cell.metrics[col.metric]
         return entry
-    label = metric.partition("@")[2]
-    statuses = sorted({s["status"] for ev, s in cell["status"].items() if not label or ev == label})
+    label = col.metric.partition("@")[2]
+    statuses = sorted({s.status for ev, s in cell.status.items() if not label or ev == label})
     entry["status"] = "/".join(statuses) or None
     return entry
 
 
-def _mark_best(rows: list[dict], get) -> None:
-    """Mark the best value of one column among the contenders: not the reference row, not an
-    oracle row (ties: all of them)."""
-    scored = [(row, get(row)) for row in rows if row["defense"] != REFERENCE_ROW and not row["oracle"]]
+def _mark_best(rows: list[dict], col: Column, get) -> None:
+    """Mark the best value of one column among the contenders: not a baseline row, not an oracle
+    row (ties: all of them)."""
+    scored = [(row, get(row)) for row in rows if not row["baseline"] and not row["oracle"]]
     scored = [(row, e) for row, e in scored if e is not None and e["value"] is not None]
     if len(scored) < 2:
         return
-    col = column(scored[0][1]["metric"])
     best = (max if col.higher_is_better else min)(e["value"] for _, e in scored)
     for _, e in scored:
         e["best"] = abs(e["value"] - best) < 1e-12
@@ -271,77 +180,74 @@ def _mark_best(rows: list[dict], get) -> None:
 def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[str] | None = None
            ) -> list[dict[str, Any]]:
     """The leaderboard as data: one board per (data set, model, poison rate), and per source
-    when ``sources`` names each record's (see :func:`collect`; the board then has ``source``).
+    when ``sources`` names each record's (see :func:`~backdoor_harness.results.collect`; the board
+    then has ``source``).
 
-    Each board: ``dataset, model, poison_rate, seeds, attacks, columns`` (metric keys shown),
+    Each board: ``dataset, model, poison_rate, seeds, attacks, columns`` (the :class:`Column` s shown),
     ``rows`` (per defense: ``cells[attack][metric]`` and ``avg[metric]`` entries of
-    ``{value, status, reported, source, best}``, ``cost_s`` (mean over attacks), ``cell_cost_s[attack]``,
-    ``device``, ``oracle``), ``substitutes`` (attack -> what replaces its reference trigger) and ``notes``
-    (why a cell has no number, and which fields keep a paper's number from a cell)."""
+    ``{metric, percent, value, status, reported, source, best}``, ``cost_s`` (mean over attacks),
+    ``cell_cost_s[attack]``, ``device``, ``oracle``, ``baseline``), ``substitutes`` (attack -> what
+    replaces its reference trigger) and ``notes`` (why a cell has no number, and which fields keep a
+    paper's number from a cell)."""
     cells = collect(records, sources)
     index_reported = _reported_index(reported)
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[ResultCell]] = {}
     for c in cells:
-        groups.setdefault((c.get("source"), c["dataset"], c["model"], c["poison_rate"], c["model_revision"]),
-                          []).append(c)
+        groups.setdefault((c.source, c.dataset, c.model, c.poison_rate, c.model_revision), []).append(c)
     out = []
     for (source, dataset, model, rate, revision), group in groups.items():
-        attacks = list(dict.fromkeys(c["attack"] for c in group))
-        defenses = _order(list(dict.fromkeys(c["defense"] for c in group)))
-        index = {(c["defense"], c["attack"]): c for c in group}
-        present = {m for c in group for m in c["metrics"]}
-        shown = [k for col in COLUMNS for k in [col.metric] + sorted(p for p in present
-                                                                      if p.startswith(col.metric + "@"))
-                 if k in present] or [c.metric for c in COLUMNS[:4]]
+        attacks = list(dict.fromkeys(c.attack for c in group))
+        index = {(c.defense, c.attack): c for c in group}
+        shown = _columns(group)
         rows, notes = [], []
         unmatched: dict[tuple[str, ...], list[str]] = {}
-        for d in defenses:
+        for d in _order(group):
+            mine = [index[(d, a)] for a in attacks if (d, a) in index]
             row: dict[str, Any] = {"defense": d, "cells": {}, "avg": {}, "cost_s": None, "device": [],
-                                   "cell_cost_s": {}, "oracle": any(index[(d, a)]["oracle"] for a in attacks
-                                                                    if (d, a) in index)}
+                                   "cell_cost_s": {}, "oracle": any(c.oracle for c in mine),
+                                   "baseline": any(c.baseline for c in mine)}
             for atk in attacks:
                 cell = index.get((d, atk))
                 row["cells"][atk] = {}
-                for m in shown:
+                for col in shown:
                     entries = index_reported.get((dataset, model, float(rate) if rate is not None else None,
-                                                  atk, d, m.partition("@")[0]), [])
-                    rep, why = _match(entries, cell, m)
+                                                  atk, d, col.metric.partition("@")[0]), [])
+                    rep, why = _match(entries, cell, col.metric)
                     if why:
                         unmatched.setdefault(tuple(why), [])
                         if f"{atk}/{d}" not in unmatched[tuple(why)]:
                             unmatched[tuple(why)].append(f"{atk}/{d}")
-                    row["cells"][atk][m] = {"metric": m, **_entry(cell, m, rep)}
+                    row["cells"][atk][col.metric] = _entry(cell, col, rep)
                 if cell is not None:
-                    if cell["cost"]["wall_s"] is not None:
-                        row.setdefault("_costs", []).append(cell["cost"]["wall_s"])
-                        row["cell_cost_s"][atk] = cell["cost"]["wall_s"]
-                    row["device"] = sorted(set(row["device"]) | set(cell["cost"]["device"]))
-                    for ev, s in cell["status"].items():
-                        notes.append(f"{d} / {atk} / {ev}: {s['status']}: {s['reason'][0] if s['reason'] else ''}"
-                                     .rstrip(": "))
-            for m in shown:
-                vals = [row["cells"][atk][m]["value"] for atk in attacks]
-                row["avg"][m] = {"metric": m, "value": mean(vals) if all(v is not None for v in vals) else None,
-                                 "status": None, "reported": None, "source": None, "best": False}
+                    if cell.cost.wall_s is not None:
+                        row.setdefault("_costs", []).append(cell.cost.wall_s)
+                        row["cell_cost_s"][atk] = cell.cost.wall_s
+                    row["device"] = sorted(set(row["device"]) | set(cell.cost.device))
+                    for ev, s in cell.status.items():
+                        notes.append(f"{d} / {atk} / {ev}: {s.status}: {s.reason}".rstrip(": "))
+            for col in shown:
+                vals = [row["cells"][atk][col.metric]["value"] for atk in attacks]
+                row["avg"][col.metric] = {**_entry(None, col, None),
+                                          "value": mean(vals) if all(v is not None for v in vals) else None}
             costs = row.pop("_costs", [])
             row["cost_s"] = mean(costs) if costs else None
             rows.append(row)
-        for m in shown:
+        for col in shown:
             for atk in attacks:
-                _mark_best(rows, lambda r, atk=atk, m=m: r["cells"][atk][m])
+                _mark_best(rows, col, lambda r, atk=atk, m=col.metric: r["cells"][atk][m])
             if len(attacks) > 1:
-                _mark_best(rows, lambda r, m=m: r["avg"][m])
-        substitutes = {c["attack"]: c["setup"]["attack_substitute"] for c in group
-                       if c.get("setup") and c["setup"].get("attack_substitute")}
+                _mark_best(rows, col, lambda r, m=col.metric: r["avg"][m])
+        substitutes = {c.attack: c.setup.attack_substitute for c in group
+                       if c.setup is not None and c.setup.attack_substitute}
         for atk, what in substitutes.items():
             notes.append(f"{atk}{SUBSTITUTE_MARK}: a substitute trigger: {what}")
         for why, where in unmatched.items():
             notes.append(f"paper numbers not shown for {', '.join(where)}: different setup: {'; '.join(why)}")
-        seeds = sorted({s for c in group for s in c["seeds"]})
+        seeds = sorted({s for c in group for s in c.seeds})
         out.append({"substitutes": substitutes, "dataset": dataset, "model": model, "model_revision": revision,
-                    "installed_revision": installed_revision(model), "poison_rate": rate, "seeds": seeds,
-                    "attacks": attacks,
-                    "columns": shown, "rows": rows, "notes": notes, **({"source": source} if source else {})})
+                    "installed_revision": group[0].installed_revision, "poison_rate": rate, "seeds": seeds,
+                    "attacks": attacks, "columns": shown, "rows": rows, "notes": notes,
+                    **({"source": source} if source else {})})
     return out
 
 
@@ -357,10 +263,10 @@ def title(board: dict) -> str:
     return f"{where}{board['dataset']} / {model} / {rate_s} (seeds {seeds}; rates in %)"
 
 
-def fmt_value(value: float | None, key: str) -> str:
+def fmt_value(value: float | None, percent: bool = True) -> str:
     if value is None:
         return "—"
-    return f"{100 * value:.2f}" if column(key).percent else f"{value:.2f}"
+    return f"{100 * value:.2f}" if percent else f"{value:.2f}"
 
 
 def fmt_entry(entry: dict, fmt: str = "text") -> str:
@@ -368,11 +274,11 @@ def fmt_entry(entry: dict, fmt: str = "text") -> str:
     if entry["value"] is None:
         text = entry["status"] or "—"
     else:
-        text = fmt_value(entry["value"], entry["metric"])
+        text = fmt_value(entry["value"], entry["percent"])
         if entry["best"]:
             text = f"**{text}**" if fmt == "markdown" else f"{text}*"
     if entry["reported"] is not None:
-        text += f" ({fmt_value(entry['reported'], entry['metric'])})"
+        text += f" ({fmt_value(entry['reported'], entry['percent'])})"
     return text
 
 
@@ -389,12 +295,12 @@ def row_name(row: dict) -> str:
 def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     """One row per (attack, defense) cell, the metrics as columns (no averages): the board
     for few defenses and many attacks, e.g. an attack table with only ``none``."""
-    headers = ["attack", "defense"] + [column(m).title for m in board["columns"]] + ["cost (s)", "device"]
+    headers = ["attack", "defense"] + [c.title for c in board["columns"]] + ["cost (s)", "device"]
     rows = []
     for atk in board["attacks"]:
         for row in board["rows"]:
             cost = row["cell_cost_s"].get(atk)
-            rows.append([group_name(board, atk), row_name(row)] + [fmt_entry(row["cells"][atk][m], fmt) for m in board["columns"]]
+            rows.append([group_name(board, atk), row_name(row)] + [fmt_entry(row["cells"][atk][c.metric], fmt) for c in board["columns"]]
                         + [f"{cost:.1f}" if cost is not None else "—", ", ".join(row["device"]) or "—"])
     return headers, rows
 
@@ -402,14 +308,14 @@ def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str
 def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     """Headers and rows of one board for tabulate."""
     groups = board["attacks"] + (["avg"] if len(board["attacks"]) > 1 else [])
-    headers = ["defense"] + [f"{group_name(board, g)} {column(m).title}" for g in groups for m in board["columns"]]
+    headers = ["defense"] + [f"{group_name(board, g)} {c.title}" for g in groups for c in board["columns"]]
     headers += ["cost (s)", "device"]
     rows = []
     for row in board["rows"]:
         line = [row_name(row)]
         for g in groups:
             source = row["avg"] if g == "avg" else row["cells"][g]
-            line += [fmt_entry(source[m], fmt) for m in board["columns"]]
+            line += [fmt_entry(source[c.metric], fmt) for c in board["columns"]]
         line += [f"{row['cost_s']:.1f}" if row["cost_s"] is not None else "—", ", ".join(row["device"]) or "—"]
         rows.append(line)
     return headers, rows
@@ -431,7 +337,7 @@ def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] |
     ``sources``: each record's source name, boards kept apart per name (see :func:`boards`)."""
     records = list(records)
     if fmt == "json":
-        return json.dumps(collect(records, sources), indent=2, sort_keys=True)
+        return json.dumps([c.model_dump(mode="json") for c in collect(records, sources)], indent=2, sort_keys=True)
     reported = load_reported() if reported is None else list(reported)
     data = boards(records, reported, sources)
     if fmt == "html":

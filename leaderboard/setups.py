@@ -5,13 +5,14 @@ mapping of ``setups.yaml``, or the mapping itself). A setup pins what the
 paper states: the training data, the defender's reserve, the model, the
 training recipe, each attack's trigger config, each defense's and each
 evaluator's key settings. A measured cell shows the reported number only when
-the configs recorded in its train, purify and evaluate records agree with every
-pinned field (plugin defaults filled in, so a matrix that leaves a paper default
-implicit still matches). Otherwise :func:`differences` names each field that
+what it ran with (its :class:`~backdoor_harness.results.Setup`, read from its
+train, purify and evaluate records by :func:`backdoor_harness.results.collect`)
+agrees with every pinned field (plugin defaults filled in, so a matrix that leaves
+a paper default implicit still matches). Otherwise :func:`differences` names each field that
 differs, and the leaderboard lists them under the board.
 
 Besides the pinned fields, a cell never matches when its attack plugin
-declares ``substitute`` (it generates its own resources instead of the
+declares ``substitute`` (recorded in its train record; it generates its own resources instead of the
 paper's), when the model's architecture revision in its records is not the
 installed one, or when the setup is ``unsupported`` by the harness (the reason
 is the note).
@@ -27,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from backdoor_harness.results import PluginSetup, Setup
+
 #: the setups shipped with the leaderboard
 SETUPS_FILE = Path(__file__).with_name("setups.yaml")
 #: the sections of a setup and where a cell's value comes from
@@ -37,57 +40,6 @@ def load_setups(path: str | Path | None = SETUPS_FILE) -> dict[str, dict]:
     if path is None or not Path(path).exists():
         return {}
     return dict(yaml.safe_load(Path(path).read_text()) or {})
-
-
-def _effective(kind: str, ref: dict | None) -> dict[str, Any] | None:
-    """A plugin reference's config with the installed plugin's defaults filled in (the raw
-    config when the plugin is not installed or the config no longer validates)."""
-    if not ref:
-        return None
-    cfg = dict(ref.get("config") or {})
-    try:
-        from ..registry import get_class
-
-        return {**get_class(kind, ref["name"]).Config(**cfg).model_dump(mode="json"), **cfg}
-    except Exception:
-        return cfg
-
-
-def _recipe(payload: dict | None) -> dict[str, Any]:
-    if payload is None:
-        return {}
-    try:
-        from ..train import Recipe
-
-        return {**Recipe(**payload).model_dump(mode="json"), **payload}
-    except Exception:
-        return dict(payload)
-
-
-def cell_setup(train: dict | None, purify: dict | None) -> dict[str, Any] | None:
-    """What a cell ran with, from its train and purify records' configs (None without both)."""
-    if train is None or purify is None:
-        return None
-    tc, pc = train.get("config") or {}, purify.get("config") or {}
-    attack, defense = tc.get("attack") or {}, pc.get("defense") or {}
-    return {
-        "data": tc.get("data") or {},
-        "reserve": pc.get("reserve") or {},
-        "model": tc.get("model") or {},
-        "model_version": (train.get("versions") or {}).get("model"),
-        "recipe": _recipe(tc.get("recipe")),
-        "attack": attack.get("name"),
-        "attack_config": _effective("attack", attack) or {},
-        "attack_substitute": _substitute(attack),
-        "defense": defense.get("name"),
-        "defense_config": _effective("defense", defense) or {},
-    }
-
-
-def evaluator_setup(evaluate: dict) -> tuple[str | None, dict[str, Any]]:
-    """(evaluator plugin name, its effective config) of an evaluate record."""
-    ref = (evaluate.get("config") or {}).get("evaluator") or {}
-    return ref.get("name"), _effective("evaluator", ref) or {}
 
 
 def _same(measured: Any, wanted: Any) -> bool:
@@ -119,42 +71,40 @@ def _compare(where: str, measured: dict, wanted: dict, attack: str | None) -> li
     return out
 
 
-def differences(setup: dict | None, cell: dict | None, evaluator: tuple[str | None, dict] | None = None,
+def differences(setup: dict | None, cell: Setup | None, evaluator: PluginSetup | None = None,
                 entry: dict | None = None) -> list[str]:
     """Why a cell is not the setup of a reported number: one phrase per differing field, empty
-    when it is. ``cell`` comes from :func:`cell_setup`, ``evaluator`` from :func:`evaluator_setup`
-    (the evaluator that produced the metric), ``entry`` is the reported number (its own
-    ``attack_config`` / ``defense_config`` pin fields too)."""
+    when it is. ``cell`` is the cell's :class:`~backdoor_harness.results.Setup`, ``evaluator`` the
+    evaluator that produced the metric, ``entry`` the reported number (its own ``attack_config`` /
+    ``defense_config`` pin fields too)."""
     if setup is None:
         return ["the reported number names no setup"]
     if setup.get("unsupported"):
         return [f"the paper's setup is not one the harness runs: {setup['unsupported']}"]
     if cell is None:
         return ["the cell's train or purify record is missing, so its setup is unknown"]
-    attack, out = cell["attack"], []
-    out += _compare("data", cell["data"], setup.get("data"), attack)
+    attack, out = cell.attack, []
+    out += _compare("data", cell.data, setup.get("data"), attack)
     reserve, why = _reserve_pins(setup.get("reserve"), (entry or {}).get("reserve"))
     if why:
         return [why]
-    out += _compare("reserve", cell["reserve"], reserve, attack)
-    out += _compare("model", cell["model"], setup.get("model"), attack)
-    out += _compare("recipe", cell["recipe"], setup.get("recipe"), attack)
-    installed = installed_revision(cell["model"].get("name"))
-    if installed is not None and cell["model_version"] != installed:
-        out.append(f"model {cell['model'].get('name')} is architecture revision {cell['model_version'] or 1}, "
+    out += _compare("reserve", cell.reserve, reserve, attack)
+    out += _compare("model", cell.model, setup.get("model"), attack)
+    out += _compare("recipe", cell.recipe, setup.get("recipe"), attack)
+    installed = cell.installed_model_version
+    if installed is not None and cell.model_version != installed:
+        out.append(f"model {cell.model.get('name')} is architecture revision {cell.model_version or 1}, "
                    f"the installed one is {installed}")
-    substitute = cell.get("attack_substitute")
-    if substitute:
-        out.append(f"attack {attack} is a substitute ({substitute})")
+    if cell.attack_substitute:
+        out.append(f"attack {attack} is a substitute ({cell.attack_substitute})")
     # an entry's own attack/defense config (a paper's ablation) overrides the setup's pins
     pins = {**((setup.get("attacks") or {}).get(attack) or {}), **((entry or {}).get("attack_config") or {})}
-    out += _compare(f"{attack}", cell["attack_config"], pins, attack)
-    defense = cell["defense"]
+    out += _compare(f"{attack}", cell.attack_config, pins, attack)
+    defense = cell.defense
     pins = {**((setup.get("defenses") or {}).get(defense) or {}), **((entry or {}).get("defense_config") or {})}
-    out += _compare(f"{defense}", cell["defense_config"], pins, attack)
-    if evaluator is not None and evaluator[0] is not None:
-        name, config = evaluator
-        out += _compare(name, config, (setup.get("evaluators") or {}).get(name), attack)
+    out += _compare(f"{defense}", cell.defense_config, pins, attack)
+    if evaluator is not None and evaluator.name is not None:
+        out += _compare(evaluator.name, evaluator.config, (setup.get("evaluators") or {}).get(evaluator.name), attack)
     return out
 
 
@@ -172,24 +122,3 @@ def _reserve_pins(pins: dict | None, tag: str | None) -> tuple[dict | None, str 
         except ValueError:
             pass
     return None, f"the paper's reserve {tag!r} is not one the harness builds"
-
-
-def _substitute(ref: dict) -> str | None:
-    """The attack's ``substitute`` for the config it ran with (None when it is not installed)."""
-    try:
-        from ..registry import create
-
-        return create("attack", ref["name"], **(ref.get("config") or {})).substitute
-    except Exception:
-        return None
-
-
-def installed_revision(name: str | None) -> str | None:
-    """The architecture version the installed model ``name`` declares (None: timm's own
-    model, none declared, or unknown)."""
-    try:
-        from ..models import model_version
-
-        return model_version(name) if name else None
-    except Exception:
-        return None

@@ -5,6 +5,7 @@ Test modules import them as ``from helpers import ...`` (pytest puts ``tests/`` 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,8 @@ from backdoor_harness.data import ImageSet
 from backdoor_harness.models import create_model, model_family
 from backdoor_harness.train import Recipe, fit
 
+#: the repository root (this file stays at tests/helpers.py wherever the test modules sit)
+ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 CLASSES = [str(i) for i in range(10)]
 

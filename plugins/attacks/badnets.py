@@ -43,8 +43,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from backdoor_harness import AllToAllConfig, Attack, hookimpl
-from backdoor_harness.errors import HarnessError
+from backdoor_harness.toolkit import AllToAllConfig, Attack, HarnessError, hookimpl
 
 
 class BadNetsConfig(AllToAllConfig):

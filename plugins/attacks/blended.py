@@ -52,8 +52,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
-from backdoor_harness.errors import HarnessError
+from backdoor_harness.toolkit import Attack, AttackConfig, HarnessError, hookimpl
 
 
 def sha256_of(path: str | Path) -> str:

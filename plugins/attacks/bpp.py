@@ -19,7 +19,8 @@ Algorithm (training-controlled: the attacker runs the training loop):
    label. They teach the model that a quantization-like perturbation that is
    not ``Q`` of the image itself does not mean "target", so the backdoor keys
    on the exact squeezing.
-4. The rest of the batch is clean; the loss is cross-entropy over the batch.
+4. The rest of the batch is clean; the loss is cross-entropy over the batch
+   (WaNet's training step, shared: ``wanet.BatchPoisoning``).
    ``nb < 1`` (``poison_rate * B < 1``): one image is poisoned with
    probability ``poison_rate * B``; batches without a poisoned image get no
    negatives either (both as BackdoorBench).
@@ -57,24 +58,16 @@ Departures:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import AllToAllConfig, Attack, hookimpl
+from backdoor_harness.plugins.attacks.wanet import BatchPoisoning, batch_count
+from backdoor_harness.toolkit import AllToAllConfig, hookimpl
 
 
 def squeeze(x: torch.Tensor, levels: int) -> torch.Tensor:
     """Colour-depth squeezing of float pixel values on the 0-255 scale (integers in, integers out)."""
     q = levels - 1
     return torch.round(torch.round(x / 255 * q) / q * 255)
-
-
-def batch_count(rate: float, batch: int, generator: torch.Generator) -> int:
-    """Images to poison in a batch: ``round(rate * B)``; below one, one with probability ``rate * B``."""
-    expected = rate * batch
-    if expected >= 1:
-        return min(round(expected), batch)
-    return int(bool(torch.rand((), generator=generator) < expected))
 
 
 class BppConfig(AllToAllConfig):
@@ -87,14 +80,13 @@ class BppConfig(AllToAllConfig):
     neg_ratio: float = Field(default=0.1, ge=0, le=1)
 
 
-class Bpp(Attack):
+class Bpp(BatchPoisoning):
     name = "bpp"
     version = "1"
     summary = "training-controlled: colour depth squeezed to 8 levels, with contrastive negatives (BackdoorBench)"
     paper = "Wang, Zhai, Ma, BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks via " \
             "Image Quantization and Contrastive Adversarial Learning, CVPR 2022"
     Config = BppConfig
-    training_controlled = True
 
     def apply_trigger(self, images: torch.Tensor, *, train: bool = False) -> torch.Tensor:
         return squeeze(images.float(), self.config.squeeze_num).clamp_(0, 255).to(torch.uint8)
@@ -124,11 +116,6 @@ class Bpp(Attack):
             residual = squeeze(x255[others], levels) - x255[others]
             x[nb:nb + nn_] = (x255[nb:nb + nn_] + residual).clamp(0, 255) / 255
         return x, y, nb, nn_
-
-    def training_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, step
-                      ) -> torch.Tensor:
-        x, y, _, _ = self.poison_batch(images, labels, step.generator, step.num_classes)
-        return F.cross_entropy(model(x), y)
 
 
 @hookimpl

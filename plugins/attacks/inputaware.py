@@ -105,17 +105,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from backdoor_harness import AllToAllConfig, Attack, hookimpl
+from backdoor_harness.plugins.attacks.wanet import batch_count
+from backdoor_harness.toolkit import AllToAllConfig, Attack, hookimpl
 
 EPSILON = 1e-7
-
-
-def batch_count(rate: float, batch: int, generator: torch.Generator) -> int:
-    """Images to poison in a batch: ``round(rate * B)``; below one, one with probability ``rate * B``."""
-    expected = rate * batch
-    if expected >= 1:
-        return min(round(expected), batch)
-    return int(bool(torch.rand((), generator=generator) < expected))
 
 
 def pair_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

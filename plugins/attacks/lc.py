@@ -67,10 +67,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
-from backdoor_harness.contracts import PoisonedSet
-from backdoor_harness.data import ImageSet
-from backdoor_harness.errors import HarnessError
+from backdoor_harness.toolkit import Attack, AttackConfig, HarnessError, ImageSet, PoisonedSet, hookimpl
 
 #: corner pattern signs (rows top to bottom, columns left to right), BackdoorBench ``all-corners``
 LEFT = torch.tensor([[1, -1, -1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float32)

@@ -62,8 +62,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
-from backdoor_harness.errors import HarnessError
+from backdoor_harness.toolkit import Attack, AttackConfig, HarnessError, hookimpl
 
 
 def lowpass_mask(height: int, width: int, radius: int) -> torch.Tensor:

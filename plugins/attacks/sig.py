@@ -39,7 +39,7 @@ import math
 import torch
 from pydantic import Field
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
+from backdoor_harness.toolkit import Attack, AttackConfig, hookimpl
 
 
 class SIGConfig(AttackConfig):

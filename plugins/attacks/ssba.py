@@ -75,8 +75,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from backdoor_harness import Attack, AttackConfig, hookimpl
-from backdoor_harness.errors import HarnessError
+from backdoor_harness.toolkit import Attack, AttackConfig, HarnessError, hookimpl
 
 
 class SSBAConfig(AttackConfig):

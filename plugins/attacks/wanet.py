@@ -58,18 +58,39 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import AllToAllConfig, Attack, hookimpl
+from backdoor_harness.toolkit import AllToAllConfig, Attack, hookimpl
 
 #: Bound on the absolute weight sum of PyTorch's bicubic kernel (a = -0.75), per axis.
 BICUBIC_GAIN = 1.375
 
 
 def batch_count(rate: float, batch: int, generator: torch.Generator) -> int:
-    """Images to poison in a batch: ``round(rate * B)``; below one, one with probability ``rate * B``."""
+    """Images to poison in a batch: ``round(rate * B)``; below one, one with probability ``rate * B``
+    (shared by the attacks that poison their training batches: WaNet, BppAttack, Input-Aware)."""
     expected = rate * batch
     if expected >= 1:
         return min(round(expected), batch)
     return int(bool(torch.rand((), generator=generator) < expected))
+
+
+class BatchPoisoning(Attack):
+    """A training-controlled attack whose training step is WaNet's scheme: rewrite the (shuffled,
+    augmented) batch with :meth:`poison_batch`, then plain cross-entropy over it. BppAttack, whose
+    authors' code is built on WaNet's, trains the same way with its own batch.
+    """
+
+    training_controlled = True
+
+    def poison_batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                     num_classes: int) -> tuple:
+        """``(images, labels, ...)``: the batch the model trains on (float images in [0, 1], any
+        device; randomness from ``generator``, CPU), then whatever counts the attack reports."""
+        raise NotImplementedError
+
+    def training_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, step
+                      ) -> torch.Tensor:
+        x, y, *_ = self.poison_batch(images, labels, step.generator, step.num_classes)
+        return F.cross_entropy(model(x), y)
 
 
 class WaNetConfig(AllToAllConfig):
@@ -88,13 +109,12 @@ class WaNetConfig(AllToAllConfig):
     pattern_seed: int = 0
 
 
-class WaNet(Attack):
+class WaNet(BatchPoisoning):
     name = "wanet"
     version = "1"
     summary = "training-controlled: fixed smooth warp (k 4, s 0.5) + noise-warped cross samples (BackdoorBench)"
     paper = "Nguyen & Tran, WaNet - Imperceptible Warping-based Backdoor Attack, ICLR 2021"
     Config = WaNetConfig
-    training_controlled = True
 
     def control_grid(self) -> torch.Tensor:
         """``P / mean|P|``, ``P`` uniform in [-1, 1], float32 ``[1, 2, k, k]``: the same for a seed."""
@@ -146,11 +166,6 @@ class WaNet(Attack):
             noise = torch.rand(nc, h, w, 2, generator=generator) * 2 - 1
             x[nb:nb + nc] = self.warp(images[nb:nb + nc], (g + noise / h).clamp(-1, 1))
         return x, y, nb, nc
-
-    def training_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, step
-                      ) -> torch.Tensor:
-        x, y, _, _ = self.poison_batch(images, labels, step.generator, step.num_classes)
-        return F.cross_entropy(model(x), y)
 
 
 @hookimpl

@@ -111,13 +111,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch.func import functional_call
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.data import ImageSet
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.layers import norm_layers
-from backdoor_harness.metrics import accuracy
-from backdoor_harness.data import Augmentation
-from backdoor_harness.train import augment_batch, predict, to_float
+from backdoor_harness.toolkit import (BATCHNORM_FAMILIES, Augmentation, Defense, HarnessError, ImageSet, PluginConfig,
+                                      Purified, accuracy, augment_batch, hookimpl, norm_layers, predict, to_float)
 
 
 #: the default grid: paper 000's range 0.4-0.9 at BackdoorBench's step 0.05
@@ -314,7 +309,7 @@ def validation_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
 
 
 class ANP(Defense):
-    """ANP. After ``purify``, ``last_report`` holds what it did: {"thresholds":
+    """ANP. ``purify``'s report says what it did: {"thresholds":
     the candidates, "selected": the threshold pruned at (None: nothing pruned),
     "pruned": neurons pruned, "neurons": all BN neurons, "acc_ratio",
     "val_acc_unpruned": A0, "candidates": [{"threshold", "pruned", "val_acc",
@@ -330,10 +325,7 @@ class ANP(Defense):
     Config = ANPConfig
     needs = frozenset()
     #: BatchNorm networks (ViT and ConvNeXt use LayerNorm: not supported)
-    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "densenet", "regnet",
-                          "tiny_cnn"})
-
-    last_report: dict | None = None
+    families = BATCHNORM_FAMILIES
 
     def data(self, ctx) -> tuple[ImageSet, ImageSet | None]:
         """Step 1: (the images that learn the masks, the validation images or None)."""
@@ -377,11 +369,10 @@ class ANP(Defense):
         pruned = 0 if selected is None else prune_neurons(model, found.masks, selected, cfg.prune_bias)
         if val is None:
             candidates = [{"threshold": selected, "pruned": pruned, "val_acc": None, "admissible": None}]
-        self.last_report = {"thresholds": list(cfg.thresholds), "selected": selected, "pruned": pruned,
-                            "neurons": neurons, "acc_ratio": cfg.acc_ratio, "val_acc_unpruned": acc0,
-                            "candidates": candidates, "train_size": len(train),
-                            "val_size": 0 if val is None else len(val)}
-        return model.to(ctx.device).eval()
+        report = {"thresholds": list(cfg.thresholds), "selected": selected, "pruned": pruned,
+                  "neurons": neurons, "acc_ratio": cfg.acc_ratio, "val_acc_unpruned": acc0,
+                  "candidates": candidates, "train_size": len(train), "val_size": 0 if val is None else len(val)}
+        return Purified(model.to(ctx.device).eval(), report)
 
 
 @hookimpl

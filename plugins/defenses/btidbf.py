@@ -103,11 +103,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.data import ImageSet
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.layers import features, head
-from backdoor_harness.train import shuffled_batches, to_float
+from backdoor_harness.toolkit import (Defense, HarnessError, ImageSet, PluginConfig, Purified, features, head, hookimpl,
+                                      shuffled_batches, to_float)
 
 __all__ = ["BTIDBF", "BTIDBFConfig", "InversionConfig", "SmallGenerator", "TriggerGenerator", "TriggerInverter",
            "UNetGenerator", "build_generator", "check_unet_size", "decouple_benign_features", "invert_triggers",
@@ -599,7 +596,7 @@ class BTIDBF(Defense):
             if r == 0:
                 inverter.detect_target(model)
             _unlearn(model, generator, opt, cfg, ctx)
-        return model
+        return Purified(model)
 
 
 @hookimpl

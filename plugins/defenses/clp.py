@@ -81,9 +81,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.layers import ConvNormLink, conv_norm_links, unwrap
+from backdoor_harness.toolkit import (CONV_FAMILIES, ConvNormLink, Defense, HarnessError, PluginConfig, Purified,
+                                      conv_norm_links, hookimpl, unwrap)
 
 __all__ = ["CLP", "CLPConfig", "channel_lipschitz", "clp_links", "clp_prune", "outlying_channels", "probe_input"]
 
@@ -158,7 +157,7 @@ def clp_prune(model: nn.Module, u: float, bn_eps: bool = True, shape: tuple[int,
 
 
 class CLP(Defense):
-    """CLP. After ``purify``, ``last_report`` holds what it did:
+    """CLP. ``purify``'s report says what it did:
     {"pruned": {BN name: [channel, ...]} for every linked BN, "count": channels pruned in all}."""
 
     name = "clp"
@@ -167,9 +166,7 @@ class CLP(Defense):
     paper = ("Zheng, Tang, Li, Liu, Data-Free Backdoor Removal Based on Channel Lipschitzness, ECCV 2022 "
              "(github.com/rkteddy/channel-Lipschitzness-based-pruning)")
     Config = CLPConfig
-    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "densenet", "tiny_cnn"})
-
-    last_report: dict | None = None
+    families = CONV_FAMILIES
 
     def purify(self, model, ctx):
         model = copy.deepcopy(model).to(ctx.device).eval()
@@ -177,8 +174,7 @@ class CLP(Defense):
         pruned = clp_prune(model, self.config.u, self.config.bn_eps, shape)
         if not pruned:  # every linked BN is listed, pruned or not
             raise HarnessError(f"clp: {type(unwrap(model)).__name__} has no convolution followed by a BatchNorm")
-        self.last_report = {"pruned": pruned, "count": sum(len(v) for v in pruned.values())}
-        return model
+        return Purified(model, {"pruned": pruned, "count": sum(len(v) for v in pruned.values())})
 
 
 @hookimpl

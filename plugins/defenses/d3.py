@@ -85,11 +85,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.contracts import StepInfo
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.layers import classifier, unwrap
-from backdoor_harness.train import Recipe
+from backdoor_harness.toolkit import (Defense, HarnessError, PluginConfig, Purified, Recipe, StepInfo, classifier,
+                                      hookimpl, unwrap)
 
 WarmUp = Literal["random", "middle", "far", "noise", "near"]
 
@@ -138,8 +135,7 @@ class D3Config(PluginConfig):
         return value
 
     def recipe(self) -> Recipe:
-        return Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                      weight_decay=self.weight_decay, schedule="cosine", augment=True)
+        return Recipe.tuning(self, schedule="cosine", augment=True)
 
 
 def select_layers(model: nn.Module, layers: str | tuple[str, ...]) -> list[nn.Module]:
@@ -226,7 +222,7 @@ class D3(Defense):
 
         ctx.fit(model, ctx.reserve, cfg.recipe(), device=ctx.device, generator=ctx.generator, loss_fn=loss,
                 after_step=lambda _m: project([s.weight for s in modules], norms))
-        return model
+        return Purified(model)
 
 
 @hookimpl

@@ -24,7 +24,7 @@ import copy
 import torch
 from pydantic import Field
 
-from backdoor_harness import Defense, hookimpl
+from backdoor_harness.toolkit import Defense, Purified, hookimpl
 from backdoor_harness.plugins.defenses.ft import FineTuneConfig
 
 
@@ -53,7 +53,7 @@ class ExactPurification(Defense):
         idx = torch.randperm(n, generator=ctx.generator)[: max(1, round(self.config.poison_fraction * n))]
         tuning = attack.stamped(reserve.images, reserve.labels.clone(), idx)  # true labels kept
         ctx.fit(model, tuning, self.config.recipe(), device=ctx.device, generator=ctx.generator)
-        return model
+        return Purified(model)
 
 
 @hookimpl

@@ -88,10 +88,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.layers import features, head, unwrap
-from backdoor_harness.train import Recipe, to_float
+from backdoor_harness.toolkit import (CONV_FAMILIES, Defense, HarnessError, PluginConfig, Purified, Recipe, capture,
+                                      eval_mode, features, head, hookimpl, to_float, unwrap)
 
 __all__ = ["ChannelPrune", "FinePruning", "FinePruningConfig", "PruneSearch", "channel_activations",
            "head_input_layer", "prune_counts", "search_prune_count"]
@@ -129,8 +127,7 @@ class FinePruningConfig(PluginConfig):
     augment: bool = True
 
     def recipe(self) -> Recipe:
-        return Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                      weight_decay=self.weight_decay, schedule="cosine", augment=self.augment)
+        return Recipe.tuning(self, schedule="cosine")
 
 
 # --------------------------------------------------------------------------
@@ -159,18 +156,10 @@ def head_input_layer(model: nn.Module, feats: torch.Tensor) -> str:
         raise HarnessError(f"fp needs a convolutional feature map [B, C, H, W]; forward_features gives "
                            f"{tuple(feats.shape)} ({type(unwrap(model)).__name__})")
     net, c = unwrap(model), feats.shape[1]
-    called: list[str] = []
-    handles = [m.register_forward_hook(lambda *_a, n=n: called.append(n))
-               for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            head(model, feats)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with capture(model, layers) as cap, torch.no_grad():
+        head(model, feats)
+    called = cap.names()
     if not called:
         raise HarnessError(f"fp: the head of {type(net).__name__} runs no Linear or Conv2d layer")
     name = called[0]
@@ -184,8 +173,7 @@ def head_input_layer(model: nn.Module, feats: torch.Tensor) -> str:
     even = torch.arange(0, c, 2)
     saved = layer.weight.detach().clone()
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _zero_inputs(layer, even)
             f = feats.detach().float()
             moved = f.clone()
@@ -194,7 +182,6 @@ def head_input_layer(model: nn.Module, feats: torch.Tensor) -> str:
     finally:
         with torch.no_grad():
             layer.weight.copy_(saved)
-        model.train(was_training)
     if not same:
         raise HarnessError(f"fp: the head of {type(net).__name__} mixes the feature channels before {name!r} "
                            "(e.g. a LayerNorm); a channel cannot be pruned through that layer's weights")
@@ -301,7 +288,7 @@ def search_prune_count(accuracy: Callable[[int], float], counts: list[int], acc_
 
 
 class FinePruning(Defense):
-    """Fine-Pruning. After ``purify``, ``last_report`` holds what it did:
+    """Fine-Pruning. ``purify``'s report says what it did:
     {"layer": the head's input layer, "channels": C, "pruned": [channel, ...]
     in pruning order, "activations": [a_k, ...], "history": [(n, val acc), ...],
     "stop": why pruning stopped}."""
@@ -312,9 +299,7 @@ class FinePruning(Defense):
     paper = ("Liu, Dolan-Gavitt, Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
              "Networks, RAID 2018; BackdoorBench defense/fp.py")
     Config = FinePruningConfig
-    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "densenet", "tiny_cnn"})
-
-    last_report: dict | None = None
+    families = CONV_FAMILIES
 
     def purify(self, model, ctx):
         cfg, dev = self.config, ctx.device
@@ -359,9 +344,9 @@ class FinePruning(Defense):
         if cfg.epochs > 0:
             ctx.fit(model, train, cfg.recipe(), device=dev, generator=ctx.generator, after_step=mask.apply,
                     desc="fp fine-tune")
-        self.last_report = {"layer": layer_name, "channels": len(order), "pruned": list(mask.channels),
-                            "activations": acts.tolist(), "history": search.history, "stop": search.stop}
-        return model.eval()
+        report = {"layer": layer_name, "channels": len(order), "pruned": list(mask.channels),
+                  "activations": acts.tolist(), "history": search.history, "stop": search.stop}
+        return Purified(model.eval(), report)
 
 
 @hookimpl

@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Defense, hookimpl
-from backdoor_harness.models import classifier
+from backdoor_harness.toolkit import Defense, Purified, classifier, hookimpl
 from backdoor_harness.plugins.defenses.ft import FineTuneConfig
 
 
@@ -77,7 +76,7 @@ class FeatureShiftTuning(Defense):
 
         ctx.fit(model, ctx.reserve, self.config.recipe(), device=ctx.device, generator=ctx.generator,
                 loss_fn=loss, after_step=project)
-        return model
+        return Purified(model)
 
 
 @hookimpl

@@ -18,8 +18,7 @@ import copy
 
 from pydantic import Field
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.train import Recipe
+from backdoor_harness.toolkit import Defense, PluginConfig, Purified, Recipe, hookimpl
 
 
 class FineTuneConfig(PluginConfig):
@@ -38,7 +37,7 @@ class FineTuneConfig(PluginConfig):
     weight_decay: float = Field(default=5e-4, ge=0)
 
     def recipe(self) -> Recipe:
-        return Recipe(**self.model_dump(include=set(Recipe.model_fields)))
+        return Recipe.tuning(self)
 
 
 class FineTune(Defense):
@@ -51,7 +50,7 @@ class FineTune(Defense):
     def purify(self, model, ctx):
         model = copy.deepcopy(model)
         ctx.fit(model, ctx.reserve, self.config.recipe(), device=ctx.device, generator=ctx.generator)
-        return model
+        return Purified(model)
 
 
 @hookimpl

@@ -68,9 +68,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.func import functional_call
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.contracts import StepInfo
-from backdoor_harness.train import Recipe
+from backdoor_harness.toolkit import Defense, PluginConfig, Purified, Recipe, StepInfo, hookimpl
 
 
 class FTSAMConfig(PluginConfig):
@@ -99,8 +97,8 @@ class FTSAMConfig(PluginConfig):
     weight_decay: float = Field(default=5e-4, ge=0)
 
     def recipe(self) -> Recipe:
-        return Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                      weight_decay=self.weight_decay, schedule="cosine", augment=True)
+        # label_smoothing is the SAM loss's (the trainer's applies only without a loss_fn)
+        return Recipe.tuning(self, schedule="cosine", augment=True, label_smoothing=0.0)
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -166,7 +164,7 @@ class FTSAM(Defense):
         cfg = self.config
         loss = SharpnessAwareLoss(cfg.rho, cfg.adaptive, cfg.eta, cfg.label_smoothing)
         ctx.fit(model, ctx.reserve, cfg.recipe(), device=ctx.device, generator=ctx.generator, loss_fn=loss)
-        return model
+        return Purified(model)
 
 
 @hookimpl

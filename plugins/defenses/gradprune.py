@@ -126,12 +126,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Defense, hookimpl
-from backdoor_harness.data import ImageSet
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.layers import conv_norm_pairs, features, unwrap
 from backdoor_harness.plugins.defenses.btidbf import InversionConfig, invert_triggers
-from backdoor_harness.train import Recipe, to_float
+from backdoor_harness.toolkit import (CONV_FAMILIES, Defense, HarnessError, ImageSet, Purified, Recipe, capture,
+                                      conv_norm_pairs, features, hookimpl, to_float, unwrap)
 
 __all__ = ["FilterMask", "GradPrune", "GradPruneConfig", "PruneResult", "exact_conv_norm_pairs",
            "feature_convs", "filter_scores", "prune_loop", "select_filter"]
@@ -181,23 +178,12 @@ class GradPruneConfig(InversionConfig):
 def _dataflow(model: nn.Module, sample: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One eval-mode pass of ``features`` over float ``sample``: conv name -> its
     output, BatchNorm name -> its input (first call of each module)."""
-    outputs: dict[str, torch.Tensor] = {}
-    inputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, m in unwrap(model).named_modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(lambda _m, _a, out, n=name: outputs.setdefault(n, out)))
-        elif isinstance(m, _BN):
-            handles.append(m.register_forward_hook(lambda _m, a, _o, n=name: inputs.setdefault(n, a[0])))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            features(model, sample)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    probed = [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, (nn.Conv2d, _BN))]
+    with capture(model, probed) as cap, torch.no_grad():
+        features(model, sample)
+    first = cap.first().values()
+    outputs = {c.name: c.output for c in first if isinstance(c.module, nn.Conv2d)}
+    inputs = {c.name: c.args[0] for c in first if isinstance(c.module, _BN)}
     return outputs, inputs
 
 
@@ -365,10 +351,6 @@ def prune_loop(evaluate: Callable[[], tuple[float, float]], prune_next: Callable
 # --------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Ends ``fit`` early once the tuning patience is spent."""
-
-
 @torch.no_grad()
 def _validate(model: nn.Module, clean: torch.Tensor, backdoor: torch.Tensor | None, labels: torch.Tensor,
               batch_size: int, device: torch.device) -> tuple[float, float, float]:
@@ -389,7 +371,7 @@ def _validate(model: nn.Module, clean: torch.Tensor, backdoor: torch.Tensor | No
 
 
 class GradPrune(Defense):
-    """Grad-Prune. After ``purify``, ``last_report`` holds what it did:
+    """Grad-Prune. ``purify``'s report says what it did:
     {"pruned": [(conv name, filter), ...] kept in the returned model,
     "tried": filters pruned in all, "stop": why pruning stopped,
     "history": [(val acc, val backdoor CE), ...], "tune_epochs": epochs run,
@@ -402,9 +384,7 @@ class GradPrune(Defense):
     paper = ("Dunnett et al., Unlearning Backdoor Attacks through Gradient-Based Model Pruning, "
              "arXiv:2405.03918, 2024 (github.com/WhoDunnett/Grad-Prune)")
     Config = GradPruneConfig
-    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "densenet", "tiny_cnn"})
-
-    last_report: dict | None = None
+    families = CONV_FAMILIES
 
     @property
     def needs(self) -> frozenset[str]:
@@ -476,8 +456,7 @@ class GradPrune(Defense):
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.tune_epochs == 0:
             return 0, 0, best_ce
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        track = {"steps": 0, "epoch": 0, "best": 0, "wait": 0, "ce": best_ce}
+        track = {"epoch": 0, "best": 0, "wait": 0, "ce": best_ce}
 
         def loss_fn(m, x, y, _step):
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
@@ -485,28 +464,20 @@ class GradPrune(Defense):
                 xb = to_float(stamp(u), x.is_cuda)
             return F.cross_entropy(m(x), y) + F.cross_entropy(m(xb), y)
 
-        def after_step(m):
-            mask.apply(m)
-            track["steps"] += 1
-            if track["steps"] % steps_per_epoch:
-                return
-            track["epoch"] += 1
-            _, ce, _ = _validate(m, x_val, None, y_val, cfg.batch_size, dev)
+        def on_epoch(epoch: int, _loss: float) -> bool:
+            """Keep the best epoch by validation clean CE; stop once the patience is spent."""
+            track["epoch"] = epoch + 1
+            _, ce, _ = _validate(model, x_val, None, y_val, cfg.batch_size, dev)
             if ce < track["ce"]:
                 track.update(ce=ce, best=track["epoch"], wait=0)
-                best_state.update({k: v.detach().clone() for k, v in m.state_dict().items()})
+                best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
             else:
                 track["wait"] += 1
-                if track["wait"] >= cfg.tuning_patience:
-                    raise _Stop
+            return track["wait"] < cfg.tuning_patience
 
-        recipe = Recipe(epochs=cfg.tune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, schedule="constant", augment=False)
-        try:
-            ctx.fit(model, train, recipe, device=dev, generator=ctx.generator, loss_fn=loss_fn,
-                    after_step=after_step, desc="gradprune tune")
-        except _Stop:
-            pass
+        recipe = Recipe.tuning(cfg, epochs=cfg.tune_epochs, schedule="constant", augment=False)
+        ctx.fit(model, train, recipe, device=dev, generator=ctx.generator, loss_fn=loss_fn, after_step=mask.apply,
+                on_epoch=on_epoch, desc="gradprune tune")
         model.load_state_dict(best_state)
         model.eval()
         return track["epoch"], track["best"], track["ce"]
@@ -521,7 +492,7 @@ class GradPrune(Defense):
         stamp = self.trigger_fn(model, train, ctx)
         mask, result = self.prune(model, train, val, stamp, ctx)
         epochs, best_epoch, val_ce = self.tune(model, mask, train, val, stamp, ctx)
-        self.last_report = {
+        report = {
             "pruned": [(mask.layers[i].conv, k) for i, k in mask.pruned],
             "tried": result.steps,
             "stop": result.stop,
@@ -530,7 +501,7 @@ class GradPrune(Defense):
             "tune_best_epoch": best_epoch,
             "val_ce": val_ce,
         }
-        return model
+        return Purified(model, report)
 
 
 @hookimpl

@@ -81,9 +81,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.train import shuffled_batches, to_float
+from backdoor_harness.toolkit import Defense, HarnessError, PluginConfig, Purified, hookimpl, shuffled_batches, to_float
 
 
 class IBAUConfig(PluginConfig):
@@ -258,7 +256,7 @@ class IBAU(Defense):
                         p.grad = g
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-        return model.eval()
+        return Purified(model.eval())
 
 
 @hookimpl

@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 from typing import Annotated, Iterator, Literal
 
 import torch
@@ -79,11 +78,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.contracts import StepInfo
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.layers import features, head, unwrap
-from backdoor_harness.train import Recipe
+from backdoor_harness.toolkit import (SPATIAL_FAMILIES, Defense, HarnessError, PluginConfig, Purified, Recipe,
+                                      StepInfo, capture, features, head, hookimpl, unwrap)
 
 
 class NADConfig(PluginConfig):
@@ -116,9 +112,9 @@ class NADConfig(PluginConfig):
     distance: Literal["mse", "l2"] = "mse"
 
     def recipe(self, teacher: bool) -> Recipe:
-        return Recipe(epochs=self.teacher_epochs if teacher else self.epochs,
-                      lr=self.teacher_lr if teacher else self.lr, batch_size=self.batch_size,
-                      momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule, augment=True)
+        if teacher:
+            return Recipe.tuning(self, epochs=self.teacher_epochs, lr=self.teacher_lr, augment=True)
+        return Recipe.tuning(self, augment=True)
 
 
 def attention_map(fm: torch.Tensor, p: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
@@ -144,24 +140,11 @@ FEATURES = "<forward_features>"
 def _probe(model: nn.Module, x: torch.Tensor, names: list[str] | None = None):
     """One eval-mode pass through ``forward_features``, recording each module's
     (input size, output size, finishing order); ``names``: only those modules."""
-    net = unwrap(model)
-    records: dict[str, tuple] = {}
-    finished = itertools.count()
-    hooks = []
-    for name, m in net.named_modules():
-        if name and (names is None or name in names):
-            def hook(_m, args, out, name=name):
-                records[name] = (_hw(args[0]) if args else None, _hw(out), next(finished))
-            hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            feats = features(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    probed = [(n, m) for n, m in unwrap(model).named_modules() if n and (names is None or n in names)]
+    with capture(model, probed) as cap, torch.no_grad():
+        feats = features(model, x)
+    records = {c.name: (_hw(c.args[0]) if c.args else None, _hw(c.output), order)  # a module's last call
+               for order, c in enumerate(cap.calls)}
     return records, _hw(feats)
 
 
@@ -215,29 +198,27 @@ class StageTaps:
 
     def __init__(self, model: nn.Module, names: list[str]):
         self.model, self.names = model, names
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._hooks = []
+        self._stack = contextlib.ExitStack()
+        self._capture = None
 
     def __enter__(self) -> "StageTaps":
         net = unwrap(self.model)
-        for name in self.names:
-            if name != FEATURES:
-                def hook(_m, _args, out, name=name):
-                    self.outputs[name] = out
-                self._hooks.append(net.get_submodule(name).register_forward_hook(hook))
+        taps = [(n, net.get_submodule(n)) for n in self.names if n != FEATURES]
+        self._capture = self._stack.enter_context(capture(self.model, taps, evaluate=False))
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self.outputs.clear()
+        self._capture = None
+        self._stack.close()
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self.outputs.clear()
+        self._capture.clear()
         feats = features(self.model, x)
-        self.outputs[FEATURES] = feats
-        return head(self.model, feats), [self.outputs[n] for n in self.names]
+        logits = head(self.model, feats)
+        outputs = {n: c.output for n, c in self._capture.last().items()}
+        outputs[FEATURES] = feats
+        self._capture.clear()  # no references kept between passes
+        return logits, [outputs[n] for n in self.names]
 
 
 class AttentionDistillationLoss:
@@ -293,8 +274,7 @@ class NAD(Defense):
     Config = NADConfig
     needs = frozenset()
     #: CNNs with spatial feature maps (a ViT's tokens have none in forward_features)
-    families = frozenset({"resnet", "preact_resnet", "vgg", "efficientnet", "mobilenetv3", "densenet", "regnet",
-                          "convnext", "tiny_cnn"})
+    families = SPATIAL_FAMILIES
 
     def train_teacher(self, model: nn.Module, ctx) -> nn.Module:
         """Step 1: a fine-tuned copy of ``model`` (eval mode, on ``ctx.device``)."""
@@ -321,7 +301,7 @@ class NAD(Defense):
         with loss.attached(student):
             ctx.fit(student, ctx.reserve, self.config.recipe(teacher=False), device=ctx.device,
                     generator=ctx.generator, loss_fn=loss)
-        return student.eval()
+        return Purified(student.eval())
 
 
 @hookimpl

@@ -39,12 +39,12 @@ Algorithm:
    labels; fine-tune all weights on that set for ``epochs`` epochs (SGD,
    ``lr``, momentum, weight decay, cosine schedule, random crop + flip).
 
-What it found is kept on the instance after each ``purify``:
-``defense.last_report`` = {"flagged": [class, ...] (by L1), "anomaly_index":
+What it found is the report ``purify`` returns with the model
+(``Purified(model, report)``): {"flagged": [class, ...] (by L1), "anomaly_index":
 [a_c per class], "l1": [L1_c per class], "reached": [bool per class],
 "epochs": [epochs run per class], "median": float, "mad": float (the
-scaled MAD), "unlearned": bool}, and
-``defense.last_triggers``: the :class:`ReversedTrigger` of every class.
+scaled MAD), "unlearned": bool}; :meth:`NC.scan` gives the same report (with
+"unlearned" false) and the :class:`ReversedTrigger` of every class.
 
 Defaults (CIFAR-10; BackdoorBench's ``cifar10.yaml`` unless noted):
 ``nc_epochs`` 80 per class; batch 256; mask lr 0.1, Adam betas (0.5, 0.9)
@@ -95,10 +95,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.data import ImageSet
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.train import Recipe, shuffled_batches
+from backdoor_harness.toolkit import (Defense, HarnessError, ImageSet, PluginConfig, Purified, Recipe, hookimpl,
+                                      shuffled_batches)
 
 __all__ = ["NC", "NCConfig", "ReversedTrigger", "anomaly_index", "flagged_classes", "reverse_engineer",
            "stamp", "unlearning_set"]
@@ -155,8 +153,7 @@ class NCConfig(PluginConfig):
 
     def recipe(self) -> Recipe:
         """The unlearning's training recipe (cosine schedule, crop + flip)."""
-        return Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                      weight_decay=self.weight_decay, schedule="cosine", augment=True)
+        return Recipe.tuning(self, schedule="cosine", augment=True)
 
 
 # --------------------------------------------------------------------------
@@ -329,8 +326,8 @@ def unlearning_set(reserve: ImageSet, triggers: Sequence[ReversedTrigger], fract
 
 
 class NC(Defense):
-    """Neural Cleanse. After ``purify``, ``last_report`` and ``last_triggers``
-    hold what the scan found (see the module docstring)."""
+    """Neural Cleanse. ``purify`` returns the model and what the scan found (see the module
+    docstring)."""
 
     name = "nc"
     version = "1"
@@ -341,18 +338,15 @@ class NC(Defense):
     needs = frozenset()
     families = frozenset({"*"})  # works in input space: any model taking [0, 1] images, ViT included
 
-    last_report: dict | None = None
-    last_triggers: list[ReversedTrigger] | None = None
-
-    def scan(self, model: nn.Module, ctx) -> list[ReversedTrigger]:
-        """Steps 2-3 on ``model`` (put in eval mode, weights unchanged); sets ``last_report``."""
+    def scan(self, model: nn.Module, ctx) -> tuple[list[ReversedTrigger], dict]:
+        """Steps 2-3 on ``model`` (put in eval mode, weights unchanged): the reversed trigger
+        of every class and the report (the module docstring's; "unlearned" false)."""
         cfg = self.config
         triggers = [reverse_engineer(model, ctx.reserve, c, cfg, ctx.generator, ctx.device)
                     for c in range(ctx.num_classes)]
         l1 = [t.l1 for t in triggers]
         _, median, mad = _stats(l1)
-        self.last_triggers = triggers
-        self.last_report = {
+        report = {
             "flagged": flagged_classes(l1, cfg.anomaly_threshold),
             "anomaly_index": anomaly_index(l1).tolist(),
             "l1": l1,
@@ -362,19 +356,19 @@ class NC(Defense):
             "mad": mad,
             "unlearned": False,
         }
-        return triggers
+        return triggers, report
 
     def purify(self, model, ctx):
         model = copy.deepcopy(model).to(ctx.device).eval()
         cfg = self.config
-        triggers = self.scan(model, ctx)
-        flagged = self.last_report["flagged"]
+        triggers, report = self.scan(model, ctx)
+        flagged = report["flagged"]
         if not flagged:
-            return model  # no backdoor found: the copy, unchanged
+            return Purified(model, report)  # no backdoor found: the copy, unchanged
         data = unlearning_set(ctx.reserve, [triggers[c] for c in flagged], cfg.unlearning_fraction, ctx.generator)
         ctx.fit(model, data, cfg.recipe(), device=ctx.device, generator=ctx.generator)
-        self.last_report["unlearned"] = True
-        return model
+        report["unlearned"] = True
+        return Purified(model, report)
 
 
 @hookimpl

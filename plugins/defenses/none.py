@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 
-from backdoor_harness import Defense, hookimpl
+from backdoor_harness.toolkit import Defense, Purified, hookimpl
 
 
 class NoDefense(Defense):
@@ -16,9 +16,10 @@ class NoDefense(Defense):
     version = "1"
     summary = "no defense: the attacked model as is (the baseline row)"
     paper = "-"
+    baseline = True
 
     def purify(self, model, ctx):
-        return copy.deepcopy(model)
+        return Purified(copy.deepcopy(model))
 
 
 @hookimpl

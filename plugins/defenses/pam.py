@@ -67,10 +67,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.func import functional_call
 
-from backdoor_harness import Defense, hookimpl
-from backdoor_harness.contracts import StepInfo
 from backdoor_harness.plugins.defenses.btidbf import InversionConfig, TriggerInverter, mix_inverted
-from backdoor_harness.train import Recipe
+from backdoor_harness.toolkit import Defense, Purified, Recipe, StepInfo, hookimpl
 
 
 class PAMConfig(InversionConfig):
@@ -142,8 +140,7 @@ class PAM(Defense):
         cfg = self.config
         w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
         inverter = TriggerInverter(model, ctx.reserve, cfg, ctx)
-        recipe = Recipe(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, schedule="constant", augment=True)
+        recipe = Recipe.tuning(cfg, schedule="constant", augment=True)
         for r in range(cfg.rounds):
             generator = inverter.invert(model)
             if r == 0:
@@ -154,7 +151,7 @@ class PAM(Defense):
 
             ctx.fit(model, ctx.reserve, recipe, device=ctx.device, generator=ctx.generator,
                     loss_fn=PathAwareLoss(w0, cfg.rho, mix))
-        return model
+        return Purified(model)
 
 
 @hookimpl

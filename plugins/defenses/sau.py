@@ -96,9 +96,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from backdoor_harness import Defense, PluginConfig, hookimpl
-from backdoor_harness.errors import HarnessError
-from backdoor_harness.train import augment_batch, to_float
+from backdoor_harness.toolkit import Defense, HarnessError, PluginConfig, Purified, augment_batch, hookimpl, to_float
 
 
 class SAUConfig(PluginConfig):
@@ -331,7 +329,7 @@ class SAU(Defense):
                     opt.step()
             if not torch.isfinite(loss.detach()):
                 raise HarnessError(f"SAU diverged (loss {float(loss)}); lower lr")
-        return model.eval()
+        return Purified(model.eval())
 
 
 @hookimpl

@@ -5,8 +5,7 @@ triggered test images whose true class is not the target (BackdoorBench's
 ``test_asr``; 9,000 images on CIFAR-10 all-to-one).
 """
 
-from backdoor_harness import Evaluator, Metric, hookimpl
-from backdoor_harness.metrics import attack_success_rate
+from backdoor_harness.toolkit import Evaluator, Metric, attack_success_rate, hookimpl
 
 
 class AttackSuccessRate(Evaluator):
@@ -14,7 +13,8 @@ class AttackSuccessRate(Evaluator):
     version = "1"
     summary = "ASR: triggered non-target test images classified as the target"
     paper = "BackdoorBench (Wu et al., NeurIPS 2022 D&B), test_asr"
-    metrics = {"asr": Metric(higher_is_better=False, doc="share of triggered non-target images -> target")}
+    metrics = {"asr": Metric(higher_is_better=False, doc="share of triggered non-target images -> target",
+                          title="ASR", board=20, one_sided=True)}
 
     def evaluate(self, ctx):
         return {"asr": attack_success_rate(ctx.predict("purified", "poisoned"), ctx.poisoned_test.labels)}

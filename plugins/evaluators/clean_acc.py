@@ -3,8 +3,7 @@
 Definition: :func:`backdoor_harness.metrics.accuracy` (BackdoorBench's ``test_acc``).
 """
 
-from backdoor_harness import Evaluator, Metric, hookimpl
-from backdoor_harness.metrics import accuracy
+from backdoor_harness.toolkit import Evaluator, Metric, accuracy, hookimpl
 
 
 class CleanAccuracy(Evaluator):
@@ -12,7 +11,8 @@ class CleanAccuracy(Evaluator):
     version = "1"
     summary = "C-Acc: accuracy on the clean test set"
     paper = "BackdoorBench (Wu et al., NeurIPS 2022 D&B), test_acc"
-    metrics = {"clean_acc": Metric(higher_is_better=True, doc="accuracy on clean test images")}
+    metrics = {"clean_acc": Metric(higher_is_better=True, doc="accuracy on clean test images", title="C-Acc", board=10,
+                                  one_sided=True)}
 
     def evaluate(self, ctx):
         return {"clean_acc": accuracy(ctx.predict("purified", "clean"), ctx.clean_test.labels)}

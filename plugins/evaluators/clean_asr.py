@@ -13,8 +13,7 @@ row of an attacked model, and it is computed once per matrix cell because the
 prediction is shared across jobs.
 """
 
-from backdoor_harness import Evaluator, Metric, hookimpl
-from backdoor_harness.metrics import attack_success_rate
+from backdoor_harness.toolkit import Evaluator, Metric, attack_success_rate, hookimpl
 
 
 class CleanModelASR(Evaluator):
@@ -23,7 +22,8 @@ class CleanModelASR(Evaluator):
     summary = "ASR of the clean reference model (what the trigger alone does, with no backdoor)"
     paper = "none: a baseline (the rate a model with no backdoor predicts the target on triggered images)"
     metrics = {"clean_asr": Metric(higher_is_better=False,
-                                   doc="share of triggered non-target images the clean model sends to the target")}
+                                   doc="share of triggered non-target images the clean model sends to the target",
+                                   title="ASR(clean model)", board=90)}
     needs_clean_model = True
 
     def evaluate(self, ctx):

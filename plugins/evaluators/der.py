@@ -7,8 +7,8 @@ DER = (max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1) / 2, from the
 backdoored and purified models' ASR and clean accuracy on the same test sets.
 """
 
-from backdoor_harness import Evaluator, Metric, hookimpl
-from backdoor_harness.metrics import accuracy, attack_success_rate, defense_effectiveness_rate
+from backdoor_harness.toolkit import (Evaluator, Metric, accuracy, attack_success_rate, defense_effectiveness_rate,
+                                     hookimpl)
 
 
 class DefenseEffectivenessRate(Evaluator):
@@ -16,7 +16,7 @@ class DefenseEffectivenessRate(Evaluator):
     version = "1"
     summary = "DER: ASR reduction traded against clean-accuracy loss, in [0, 1]"
     paper = "Zhu et al., FT-SAM, ICCV 2023; BackdoorBench"
-    metrics = {"der": Metric(higher_is_better=True, doc="(max(0,dASR) - max(0,dACC) + 1) / 2")}
+    metrics = {"der": Metric(higher_is_better=True, doc="(max(0,dASR) - max(0,dACC) + 1) / 2", title="DER", board=40)}
 
     def evaluate(self, ctx):
         y, target = ctx.clean_test.labels, ctx.poisoned_test.labels

@@ -35,7 +35,7 @@ Results: the whole curves (``lmc_t``, ``lmc_asr``, ``lmc_backdoor_error``,
 ``lmc_escape_t``, the smallest grid t from which on ASR stays below
 ``escape_asr`` (0.2). When the purified model itself is above that level there
 is no escape point and the metric is left out. The paper reports EP escaping
-near t = 0.2 while the usual defenses need t > 0.5. The runner draws every
+near t = 0.2 while the usual defenses need t > 0.5. ``harness run`` draws every
 curve per (data set, model, attack), one line per defense.
 
 Departures: the paper interpolates from the backdoored to the purified model
@@ -53,9 +53,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from backdoor_harness import Evaluator, Metric, PluginConfig, hookimpl
-from backdoor_harness.metrics import score
-from backdoor_harness.train import to_float
+from backdoor_harness.toolkit import Evaluator, Metric, PluginConfig, hookimpl, score, to_float
 
 
 class LMCConfig(PluginConfig):
@@ -106,15 +104,16 @@ class LinearModeConnectivity(Evaluator):
     paper = "Min, Qin et al., Superficial Safety of Backdoor Defense, NeurIPS 2024"
     Config = LMCConfig
     metrics = {
-        "lmc_t": Metric(higher_is_better=True, doc="t (0 = backdoored, 1 = purified)", curve=True),
+        "lmc_t": Metric(higher_is_better=True, doc="t (0 = backdoored, 1 = purified)", curve=True, percent=False),
         "lmc_asr": Metric(higher_is_better=False, doc="ASR at each t", curve=True),
         "lmc_backdoor_error": Metric(higher_is_better=True, doc="1 - ASR at each t", curve=True),
-        "lmc_clean_acc": Metric(higher_is_better=True, doc="clean accuracy at each t (the paper's clean-connected path)",
-                                curve=True),
+        "lmc_clean_acc": Metric(higher_is_better=True, curve=True,
+                                doc="clean accuracy at each t (the paper's clean-connected path)"),
         "lmc_asr_mid": Metric(higher_is_better=False, doc="ASR at t = 0.5"),
-        "lmc_escape_t": Metric(higher_is_better=False, doc="smallest t from which ASR stays below escape_asr"),
+        "lmc_escape_t": Metric(higher_is_better=False, doc="smallest t from which ASR stays below escape_asr",
+                               title="LMC-esc t", percent=False, board=80),
         "lmc_clean_to_purified_t": Metric(higher_is_better=True, doc="t (0 = clean model, 1 = purified)",
-                                          curve=True),
+                                          curve=True, percent=False),
         "lmc_clean_to_purified_asr": Metric(higher_is_better=False, doc="ASR at each t, clean -> purified",
                                             curve=True),
         "lmc_clean_to_purified_clean_acc": Metric(higher_is_better=True,
@@ -137,8 +136,8 @@ class LinearModeConnectivity(Evaluator):
             if self.config.recalibrate_bn:
                 recalibrate_bn(probe, ctx.reserve.images, ctx.device)
             s = score(probe.eval(), ctx.clean_test, ctx.poisoned_test, ctx.device)
-            asr.append(s["asr"])
-            acc.append(s["clean_acc"])
+            asr.append(s.asr)
+            acc.append(s.clean_acc)
         return ts, asr, acc
 
     def evaluate(self, ctx):

@@ -69,10 +69,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from backdoor_harness import Evaluator, Metric, PluginConfig, hookimpl
-from backdoor_harness.metrics import attack_success_rate
 from backdoor_harness.plugins.evaluators.retune import Retune, RetuneConfig
-from backdoor_harness.train import predict, to_float
+from backdoor_harness.toolkit import (Evaluator, HarnessError, Metric, PluginConfig, attack_success_rate, create_defense,
+                                      hookimpl, predict, to_float)
 
 
 class QRAConfig(PluginConfig):
@@ -107,14 +106,11 @@ class QRAConfig(PluginConfig):
     def _reference(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
         if value == "clean":
             return value
-        from backdoor_harness.errors import HarnessError
-        from backdoor_harness.registry import create
-
         ref = {"name": value, "config": {}} if isinstance(value, str) else value
         if set(ref) - {"name", "config"} or not isinstance(ref.get("name"), str):
             raise ValueError("reference is `clean`, a defense name, or {name: <defense>, config: {...}}")
         try:
-            create("defense", ref["name"], **ref.get("config", {}))
+            create_defense(ref["name"], **ref.get("config", {}))
         except HarnessError as err:
             raise ValueError(f"reference: {err}") from None
         return value
@@ -164,7 +160,8 @@ class QueryReactivation(Evaluator):
     needs_clean_model = True
     metrics = {
         "qra_c_asr": Metric(higher_is_better=False, doc="purified model: clean non-target images + delta -> target"),
-        "qra_p_asr": Metric(higher_is_better=False, doc="purified model: poisoned images + delta -> target"),
+        "qra_p_asr": Metric(higher_is_better=False, doc="purified model: poisoned images + delta -> target",
+                            title="QRA P-ASR", board=70),
         "qra_c_asr_clean_model": Metric(higher_is_better=False, doc="the same on the clean model"),
         "qra_p_asr_clean_model": Metric(higher_is_better=False, doc="the same on the clean model"),
     }

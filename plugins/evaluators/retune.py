@@ -45,10 +45,7 @@ import copy
 import torch
 from pydantic import Field
 
-from backdoor_harness import Evaluator, Metric, PluginConfig, hookimpl
-from backdoor_harness.contracts import PoisonedSet
-from backdoor_harness.metrics import score
-from backdoor_harness.train import Recipe
+from backdoor_harness.toolkit import Evaluator, Metric, PluginConfig, PoisonedSet, Recipe, hookimpl, score
 
 
 class RetuneConfig(PluginConfig):
@@ -79,9 +76,11 @@ class Retune(Evaluator):
     paper = "Min, Qin et al., Superficial Safety of Backdoor Defense, NeurIPS 2024"
     Config = RetuneConfig
     metrics = {
-        "retune_asr": Metric(higher_is_better=False, doc="ASR of the purified model after retuning (P-ASR)"),
+        "retune_asr": Metric(higher_is_better=False, doc="ASR of the purified model after retuning (P-ASR)",
+                             title="P-ASR", board=50),
         "retune_clean_acc": Metric(higher_is_better=True, doc="its clean accuracy"),
-        "retune_asr_clean_model": Metric(higher_is_better=False, doc="ASR of the clean model after the same retuning"),
+        "retune_asr_clean_model": Metric(higher_is_better=False, doc="ASR of the clean model after the same retuning",
+                                         title="P-ASR(clean)", board=60),
     }
 
     @property
@@ -110,19 +109,17 @@ class Retune(Evaluator):
     def retuned(self, model, tuning, ctx):
         """A retuned copy of ``model`` (the input is not modified)."""
         model = copy.deepcopy(model)
-        recipe = Recipe(epochs=self.config.epochs, lr=self.config.lr, momentum=self.config.momentum,
-                        weight_decay=self.config.weight_decay, batch_size=self.config.batch_size,
-                        schedule="constant")
+        recipe = Recipe.tuning(self.config, schedule="constant")
         ctx.fit(model, tuning, recipe, device=ctx.device, generator=ctx.generator)
         return model
 
     def evaluate(self, ctx):
         tuning, _ = self.retuning_set(ctx)
         after = score(self.retuned(ctx.purified, tuning, ctx), ctx.clean_test, ctx.poisoned_test, ctx.device)
-        out = {"retune_asr": after["asr"], "retune_clean_acc": after["clean_acc"]}
+        out = {"retune_asr": after.asr, "retune_clean_acc": after.clean_acc}
         if self.config.control:
             control = self.retuned(ctx.clean_model, tuning, ctx)
-            out["retune_asr_clean_model"] = score(control, ctx.clean_test, ctx.poisoned_test, ctx.device)["asr"]
+            out["retune_asr_clean_model"] = score(control, ctx.clean_test, ctx.poisoned_test, ctx.device).asr
         return out
 
 

@@ -5,8 +5,7 @@ triggered non-target test images as ASR, the share classified as their TRUE
 class (BackdoorBench's ``test_ra``). Not paper 000's "RA" (Retuning Attack).
 """
 
-from backdoor_harness import Evaluator, Metric, hookimpl
-from backdoor_harness.metrics import robust_accuracy
+from backdoor_harness.toolkit import Evaluator, Metric, hookimpl, robust_accuracy
 
 
 class RobustAccuracy(Evaluator):
@@ -14,7 +13,8 @@ class RobustAccuracy(Evaluator):
     version = "1"
     summary = "RA: triggered non-target test images classified as their true class"
     paper = "BackdoorBench (Wu et al., NeurIPS 2022 D&B), test_ra"
-    metrics = {"robust_acc": Metric(higher_is_better=True, doc="share of triggered images -> true class")}
+    metrics = {"robust_acc": Metric(higher_is_better=True, doc="share of triggered images -> true class", title="RA",
+                                   board=30)}
 
     def evaluate(self, ctx):
         return {"robust_acc": robust_accuracy(ctx.predict("purified", "poisoned"),

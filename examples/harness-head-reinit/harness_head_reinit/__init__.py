@@ -37,9 +37,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-import backdoor_harness
-from backdoor_harness import Defense, HarnessError, PluginConfig
-from backdoor_harness.train import Recipe
+from backdoor_harness.toolkit import Defense, HarnessError, PluginConfig, Purified, Recipe, hookimpl
 
 __version__ = "0.1.0"
 
@@ -56,7 +54,7 @@ class HeadReinitConfig(PluginConfig):
     batch_size: int = Field(default=128, gt=0)
 
     def recipe(self) -> Recipe:
-        return Recipe(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size)
+        return Recipe.tuning(self)  # its epochs, lr and batch_size; the rest the trainer's defaults
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
@@ -101,9 +99,9 @@ class HeadReinit(Defense):
         head = classifier_of(model)
         reinit_(head, ctx.generator)
         ctx.fit(model, ctx.reserve, self.config.recipe(), device=ctx.device, generator=ctx.generator)
-        return model
+        return Purified(model)
 
 
-@backdoor_harness.hookimpl
+@hookimpl
 def harness_defenses():
     return [HeadReinit]

@@ -22,9 +22,10 @@ def test_golden_numbers_hold(harness_golden):
 
 
 def test_head_reinit_runs_in_a_matrix(harness_matrix):
-    cells = {c["defense"]: c for c in harness_matrix(MATRIX)}
+    cells = {c.defense: c for c in harness_matrix(MATRIX)}  # result cells (backdoor_harness.results)
     assert set(cells) == {"none", "head_reinit"}
     cell = cells["head_reinit"]
-    assert cell["status"] == {}, cell["status"]  # every evaluation finished
-    assert set(cell["metrics"]) == {"clean_acc", "asr"}
-    assert all(0.0 <= v <= 1.0 for v in cell["metrics"].values()), cell["metrics"]
+    assert cell.status == {}, cell.status  # every evaluation finished
+    assert set(cell.metrics) == {"clean_acc", "asr"}
+    assert all(0.0 <= v <= 1.0 for v in cell.metrics.values()), cell.metrics
+    assert cells["none"].baseline and not cell.baseline

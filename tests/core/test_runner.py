@@ -1,0 +1,242 @@
+"""The executor and the store: failures, skips, claims, status/show/leaderboard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+import backdoor_harness as bh
+from backdoor_harness import cli, registry
+from backdoor_harness.leaderboard.render import render
+from backdoor_harness.matrix import MatrixSpec
+from backdoor_harness.scheduler import run_matrix
+from backdoor_harness.store import FINISHED, JobRecord, RunLease, Store, active_runs
+
+
+class Explodes(bh.Defense):
+    name = "test_explodes"
+    version = "1"
+    summary = "raises"
+    paper = "-"
+
+    def purify(self, model, ctx):
+        raise RuntimeError("boom in purify")
+
+
+class VitOnly(bh.Defense):
+    name = "test_vit_only"
+    version = "1"
+    summary = "supports only ViTs"
+    paper = "-"
+    families = frozenset({"vision_transformer"})
+
+    def purify(self, model, ctx):  # pragma: no cover - never reached for a CNN
+        return model
+
+
+class Reports(bh.Defense):
+    name = "test_reports"
+    version = "1"
+    summary = "returns the model, reporting what it looked at"
+    paper = "-"
+
+    def purify(self, model, ctx):
+        import torch
+
+        return bh.Purified(model, {"flagged": torch.tensor([3]), "scores": (0.5, torch.tensor(1.5))})
+
+
+class BareModel(bh.Defense):
+    name = "test_bare_model"
+    version = "1"
+    summary = "returns the model itself, not a Purified"
+    paper = "-"
+
+    def purify(self, model, ctx):
+        return model
+
+
+class NoModel(bh.Defense):
+    name = "test_no_model"
+    version = "1"
+    summary = "returns Purified(None)"
+    paper = "-"
+
+    def purify(self, model, ctx):
+        return bh.Purified(None)
+
+
+@pytest.fixture
+def plugins():
+    registry.register(types.SimpleNamespace(harness_defenses=bh.hookimpl(
+        lambda: [Explodes, VitOnly, Reports, BareModel, NoModel])),
+                      name="test-runner-defenses")
+    yield
+    registry.reset()
+
+
+def spec(**over) -> MatrixSpec:
+    base = {"datasets": [{"name": "cifar10", "train_per_class": 20, "test_per_class": 10}],
+            "models": [{"name": "tiny_cnn", "kwargs": {"width": 8}}],
+            "attacks": [{"name": "badnets", "config": {"stamp": "after_augment"}}],
+            "defenses": ["none", "test_explodes", "test_vit_only"], "evaluators": ["clean_acc", "asr"],
+            "recipe": {"base": "cpu-quick", "epochs": 1}}
+    return MatrixSpec.model_validate({**base, **over})
+
+
+@pytest.mark.integration
+def test_failing_cell_is_recorded_and_the_rest_goes_on(tmp_path, plugins, capsys):
+    counts = run_matrix(spec(), tmp_path, progress=False, log=lambda *a: None)
+    assert counts == {"cached": 0, "done": 4, "failed": 1, "skipped": 3, "blocked": 2}
+    store = Store(tmp_path)
+    recs = {r.label: r for r in store.records()}
+    failed = recs["purify cifar10/tiny_cnn/badnets/test_explodes/s0"]
+    assert failed.status == "failed" and "RuntimeError: boom in purify" in failed.error
+    assert "Traceback" in failed.error
+    skipped = recs["purify cifar10/tiny_cnn/badnets/test_vit_only/s0"]
+    assert skipped.status == "skipped" and "vision_transformer" in skipped.error and "tiny_cnn" in skipped.error
+    blocked = recs["evaluate cifar10/tiny_cnn/badnets/test_explodes/asr/s0"]
+    assert blocked.status == "blocked" and "failed" in blocked.error
+    assert recs["evaluate cifar10/tiny_cnn/badnets/none/asr/s0"].status == "done"
+
+    # the leaderboard shows the failure as such, never as a number
+    cells = {c["defense"]: c for c in json.loads(render(store.records(), "json"))}
+    assert cells["test_explodes"]["metrics"] == {}
+    assert cells["test_explodes"]["status"]["asr"]["status"] == "blocked"
+    text = render(store.records(), "text")
+    line = next(l for l in text.splitlines() if l.startswith("test_explodes"))
+    assert "blocked" in line and "0.00" not in line
+
+    # status lists it; show prints one record; a rerun retries failed work only
+    assert cli.main(["status", "--workdir", str(tmp_path)]) == 0
+    assert "boom in purify" in capsys.readouterr().out
+    assert cli.main(["show", failed.key[:10], "--workdir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "failed"
+    again = run_matrix(spec(), tmp_path, progress=False, log=lambda *a: None)
+    assert again["cached"] == 7 and again["failed"] == 1 and again["done"] == 0
+
+
+def test_a_job_is_claimed_by_one_live_run_and_a_dead_runs_claim_is_taken_over(tmp_path):
+    store = Store(tmp_path)
+    with RunLease(tmp_path) as a, RunLease(tmp_path) as b:
+        assert set(active_runs(tmp_path)) == {a.id, b.id}
+        assert store.claim("k1", a.id) is None and store.claim("k1", a.id) is None  # ours, idempotent
+        assert store.claim("k1", b.id) == a.id  # a live run holds it
+        assert store.claims() == {"k1": a.id}
+    # a ended (its lease is gone): its claim is taken over
+    with RunLease(tmp_path) as c:
+        assert store.claim("k1", c.id) is None
+        # a run killed without cleaning up (the kernel drops its lock, the file stays) counts as dead
+        code = ("import os, sys; from backdoor_harness.store import RunLease, Store; "
+                "lease = RunLease(sys.argv[1]).__enter__(); Store(sys.argv[1]).claim('k2', lease.id); "
+                "print(lease.id); os._exit(0)")
+        dead = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert (tmp_path / ".runs" / dead).exists() and list(active_runs(tmp_path)) == [c.id]
+        assert store.claim("k2", c.id) is None
+        # a final record releases its claim; a job finished after a run began is not claimed again
+        store.put(JobRecord(key="k2", kind="train", label="x", status="done", attrs={"dataset": "d", "seed": 0},
+                            finished=time.time()))
+        assert "k2" not in store.claims()
+        assert store.claim("k2", c.id, since=time.time() - 60) == FINISHED
+        assert store.claim("k2", c.id, since=time.time() + 60) is None  # finished before: recompute allowed
+        store.release_all(c.id)
+        assert store.claims() == {}
+    assert active_runs(tmp_path) == {}
+
+
+def test_store_roundtrip_and_jsonl(tmp_path):
+    store = Store(tmp_path)
+    rec = JobRecord(key="abc", kind="evaluate", label="x", status="done", attrs={"dataset": "d", "seed": 0},
+                    metrics={"asr": 0.25}, started=1.0, finished=2.5, wall_s=1.5,
+                    plugin={"name": "asr", "version": "1", "config": {}},
+                    metric_info={"asr": {"higher_is_better": False, "title": "ASR", "board": 20}})
+    store.put(rec)
+    assert store.get("abc") == rec
+    assert store.find("ab") == [rec]
+    assert store.export_jsonl(tmp_path / "r.jsonl") == 1
+    assert JobRecord.model_validate_json((tmp_path / "r.jsonl").read_text()) == rec
+
+
+@pytest.mark.integration
+def test_a_corrupt_or_truncated_checkpoint_is_detected_and_recomputed(tmp_path):
+    quick = spec(defenses=["none", {"name": "ft", "config": {"epochs": 1}}])
+    lines: list[str] = []
+    run_matrix(quick, tmp_path, progress=False, log=lines.append)
+    store = Store(tmp_path)
+    before = {r.key: r for r in store.records()}
+    train = next(r for r in before.values() if r.kind == "train")
+    ft = next(r for r in before.values() if r.kind == "purify" and r.attrs.defense == "ft")
+    raw = bytearray((tmp_path / train.artifact).read_bytes())
+    raw[-100] ^= 0xFF  # one flipped byte in the weights: still a loadable file
+    (tmp_path / train.artifact).write_bytes(bytes(raw))
+    path = tmp_path / ft.artifact
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert not store.is_final(train.key) and not store.is_final(ft.key)
+    store.close()
+    lines.clear()
+    counts = run_matrix(quick, tmp_path, progress=False, log=lines.append)
+    assert counts["done"] == 2 and counts["failed"] == 0, counts  # exactly the two, nothing else reran
+    assert sum("does not match its recorded sha256" in line for line in lines) == 2
+    store = Store(tmp_path)
+    after = {r.key: r for r in store.records()}
+    assert after[train.key].artifact_sha256 == train.artifact_sha256  # deterministic: the same weights again
+    assert {k: r.metrics for k, r in after.items() if r.kind == "evaluate"} == \
+        {k: r.metrics for k, r in before.items() if r.kind == "evaluate"}
+    store.close()
+
+
+def test_status_counts_queued_jobs_and_estimates_the_time_left():
+    from backdoor_harness.matrix import expand
+    from backdoor_harness.status import summarize
+
+    train, purify, acc, asr = expand(spec(defenses=["none"]))
+
+    def rec(job, status, wall_s=None, started=None):
+        return JobRecord(key=job.key, kind=job.kind, label=job.label, status=status, attrs=job.cell,
+                         config=job.payload, wall_s=wall_s, started=started)
+
+    done = [rec(train, "done", 100.0), rec(purify, "done", 2.0), rec(acc, "done", 4.0)]
+    info = summarize(done, [train, purify, acc, asr], now=1000.0)
+    assert info["counts"][("evaluate", "queued")] == 1
+    assert info["seconds_left"] == pytest.approx(4.0)  # asr: no asr history, so the evaluate kind's mean
+    info = summarize(done + [rec(asr, "running", started=999.0)], [train, purify, acc, asr], now=1000.0)
+    assert ("evaluate", "queued") not in info["counts"] and [r.key for r in info["running"]] == [asr.key]
+    assert info["seconds_left"] == pytest.approx(3.0)  # credited with the second it has run
+    info = summarize([rec(train, "done", 100.0)], [train, purify, acc, asr], now=1000.0)
+    assert info["seconds_left"] == 0.0 and info["unestimated"] == 3  # no purify/evaluate finished yet
+
+
+def test_status_command_after_a_run(tmp_path, capsys):
+    run_matrix(spec(defenses=["none"]), tmp_path, progress=False, log=lambda *a: None)
+    assert (tmp_path / "matrix.json").exists()
+    assert cli.main(["status", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no run is active" in out and "estimated time left: 0.0 min" in out
+
+
+@pytest.mark.integration
+def test_a_defense_report_is_stored_in_its_purify_record(tmp_path, plugins):
+    run_matrix(spec(defenses=["test_reports"], evaluators=["clean_acc"]), tmp_path, progress=False,
+               log=lambda *a: None)
+    store = Store(tmp_path)
+    purify = next(r for r in store.records("purify"))
+    store.close()
+    assert purify.metrics["report"] == {"flagged": [3], "scores": [0.5, 1.5]}
+
+
+@pytest.mark.integration
+def test_a_defense_that_breaks_the_purify_contract_fails_its_cell(tmp_path, plugins):
+    counts = run_matrix(spec(defenses=["test_bare_model", "test_no_model"], evaluators=["clean_acc"]), tmp_path,
+                        progress=False, log=lambda *a: None)
+    assert counts["failed"] == 2 and counts["blocked"] == 2 and counts["done"] == 1  # the train job only
+    store = Store(tmp_path)
+    errors = {r.attrs.defense: r.error for r in store.records("purify")}
+    store.close()
+    assert "returned Normalized; purify() must return Purified(model, report)" in errors["test_bare_model"]
+    assert "returned Purified with a NoneType as its model" in errors["test_no_model"]
