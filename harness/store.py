@@ -76,6 +76,8 @@ class Metric(BaseModel):
             tolerance fails. A one-sided higher-is-better metric must not drop (in every row). A
             one-sided lower-is-better metric must not rise, except in a ``Defense.baseline`` row,
             where it measures the attack (which must keep working): there it must not drop.
+        range: the values it can take, ``(lo, hi)`` inclusive (every element of a curve); a value
+            outside (or not finite) fails its evaluation. ``None``: no bounds declared.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,6 +89,7 @@ class Metric(BaseModel):
     percent: bool = True
     board: int | None = None
     one_sided: bool = False
+    range: tuple[float, float] | None = None
 
 
 class PluginInfo(BaseModel):
