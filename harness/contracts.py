@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, NamedTuple
 
 import torch
+from pydantic import Field
+
 from .data import ImageSet, validation_split
 from .plugin import Plugin, PluginConfig
 from .store import Metric
@@ -67,9 +69,11 @@ class AttackConfig(PluginConfig):
     """Settings shared by every attack.
 
     Attributes:
-        target: the target class (all-to-one).
+        target: the target class (all-to-one), at least 0 and below the data set's class
+            count (checked when the matrix is validated if the data set's source knows its
+            class count, else when the training job starts).
         poison_rate: fraction of the *whole* training set that is poisoned
-            (BackdoorBench's convention).
+            (BackdoorBench's convention), in [0, 1].
         stamp: ``before_augment`` stamps the trigger into the stored pixels,
             so random crop/flip move it (the data-poisoning threat model and
             BackdoorBench's convention; the default, and what paper-scale
@@ -77,8 +81,8 @@ class AttackConfig(PluginConfig):
             short CPU runs need to learn the backdoor in a few epochs.
     """
 
-    target: int = 0
-    poison_rate: float = 0.1
+    target: int = Field(default=0, ge=0)
+    poison_rate: float = Field(default=0.1, ge=0, le=1, allow_inf_nan=False)
     stamp: Literal["before_augment", "after_augment"] = "before_augment"
 
 
@@ -460,6 +464,12 @@ class EvalContext:
 
 class Evaluator(Plugin):
     """Computes named metrics of one purified model.
+
+    ``evaluate`` returns a mapping of declared metric names to finite numbers (a
+    list of them for a ``curve`` metric), each inside its metric's ``range`` when
+    one is declared; the harness checks this before the evaluation is marked
+    done, and anything else fails the cell. A declared metric may be left out
+    (one the config turns off, or that has no value in this cell).
 
     Attributes:
         metrics: name -> :class:`Metric` for every key ``evaluate`` returns.

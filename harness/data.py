@@ -118,14 +118,18 @@ def cache_dir() -> Path:
     return path
 
 
+def _default_roots() -> list[Path]:
+    """The data roots searched when ``$HARNESS_DATA`` is unset (existing or not)."""
+    repo = Path(__file__).resolve().parent.parent
+    roots = [Path.cwd().parent / "shared" / "datasets", repo.parent / "shared" / "datasets"]
+    return list(dict.fromkeys(p.resolve() for p in roots))
+
+
 def data_roots() -> list[Path]:
     """Candidate data roots, in the order they are searched."""
     if os.environ.get("HARNESS_DATA"):
         return [Path(os.environ["HARNESS_DATA"]).expanduser()]
-    repo = Path(__file__).resolve().parent.parent
-    roots = [Path.cwd().parent / "shared" / "datasets", repo.parent / "shared" / "datasets"]
-    unique = list(dict.fromkeys(p.resolve() for p in roots))
-    return [p for p in unique if p.is_dir()]
+    return [p for p in _default_roots() if p.is_dir()]
 
 
 # --------------------------------------------------------------------------
@@ -235,6 +239,10 @@ class DatasetSource(Plugin):
             recipe's ``crop_padding`` / ``hflip`` override it. A source whose
             config chooses the augmentation overrides :meth:`train_augmentation`.
             Changing it changes training: bump ``version``.
+        classes: the number of classes, when the source knows it without loading
+            anything (CIFAR-10: 10); ``None``: unknown until loaded. A source whose
+            config decides overrides :meth:`num_classes`. Matrix validation checks
+            attack targets against it.
     """
 
     kind: ClassVar[str] = "dataset"
@@ -243,10 +251,37 @@ class DatasetSource(Plugin):
     paper: ClassVar[str] = ""
     Config: ClassVar[type[SourceConfig]] = SourceConfig
     augmentation: ClassVar[Augmentation] = Augmentation()
+    classes: ClassVar[int | None] = None
 
     def train_augmentation(self) -> Augmentation:
         """The augmentation of this source's images with its config (default: ``augmentation``)."""
         return self.augmentation
+
+    def num_classes(self) -> int | None:
+        """The class count, known without decoding anything: :attr:`classes`, else the count
+        stored in this source's decode cache (when it was decoded before), else ``None``."""
+        if self.classes is not None:
+            return int(self.classes)
+        return cached_num_classes(self)
+
+    def check(self) -> None:
+        """Cheap checks that the data can be found, run when a matrix is validated (never
+        decode here). Raise :class:`HarnessError` saying what is missing and where it was
+        looked for. The default: a ``root`` option, when the config has one and sets it,
+        must exist; when it is unset (the data roots are searched), a ``$HARNESS_DATA``
+        that is set must be a folder."""
+        root = getattr(self.config, "root", None)
+        if isinstance(root, str) and root:
+            path = Path(root).expanduser()
+            if not path.exists():
+                raise HarnessError(f"options.root: {path} does not exist; set `root` to the folder (or archive) "
+                                   f"holding the data set, or remove it to search the data roots")
+        elif "root" in type(self.config).model_fields and os.environ.get("HARNESS_DATA"):
+            env = Path(os.environ["HARNESS_DATA"]).expanduser()
+            if not env.is_dir():
+                raise HarnessError(f"HARNESS_DATA={env} is not a folder (the data root searched for {self.name!r} "
+                                   f"when `root` is unset); point it at the folder holding the data sets, or unset "
+                                   f"it to search {', '.join(str(p) for p in _default_roots())}")
 
     def load(self) -> tuple[ImageSet, ImageSet]:
         raise NotImplementedError
@@ -343,6 +378,26 @@ def _cache_key(source: DatasetSource) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _cache_path(source: DatasetSource, create: bool = True) -> Path:
+    base = cache_dir() if create else Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "backdoor-harness"))
+    return base / "datasets" / f"{source.name}-{_cache_key(source)}.safetensors"
+
+
+def cached_num_classes(source: DatasetSource) -> int | None:
+    """The class count stored in ``source``'s decode cache (reads only its class list), or
+    None when it was never decoded here (or the cache is unreadable)."""
+    from safetensors import safe_open
+
+    path = _cache_path(source, create=False)
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return len(json.loads(f.get_tensor("classes_json").numpy().tobytes().decode()))
+    except Exception:  # a truncated cache says nothing (it is recomputed when loaded)
+        return None
+
+
 def load_source(source: DatasetSource) -> tuple[ImageSet, ImageSet]:
     """Decode a source once; later calls read the cached uint8 tensors. Both sets carry
     the source's augmentation (:meth:`DatasetSource.train_augmentation`)."""
@@ -354,7 +409,7 @@ def load_source(source: DatasetSource) -> tuple[ImageSet, ImageSet]:
 def _load_source(source: DatasetSource) -> tuple[ImageSet, ImageSet]:
     from safetensors.torch import load_file, save_file
 
-    path = cache_dir() / "datasets" / f"{source.name}-{_cache_key(source)}.safetensors"
+    path = _cache_path(source)
     if path.exists():
         try:
             t = load_file(str(path))

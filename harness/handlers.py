@@ -8,17 +8,22 @@ in this process and returns its record; it never writes the store (the scheduler
 
 A plugin that breaks its contract (a defense returning something else than
 ``Purified``, or changing the model it was given; an evaluator returning an
-undeclared metric) fails the job with a message saying so. A job that cannot
+undeclared metric, a value that is not a finite number or one outside its
+metric's declared ``range``; any plugin calling ``sys.exit``) fails the job with
+a message saying so: it is never recorded done. A job that cannot
 run in its cell raises :class:`Skip` and is recorded ``skipped``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import platform
 import time
 import traceback
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,6 +70,74 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
         return _plain(value.tolist())
     return value
+
+
+def check_target(attack: Any, train: ImageSet, job: Job) -> None:
+    """An attack's target must be a class of the cell's data set (checked before any training:
+    matrix validation checks it only where the data set's class count is known unloaded)."""
+    target = attack.config.target
+    if not 0 <= target < train.num_classes:
+        raise HarnessError(f"{job.label}: attack {attack.name!r} has target {target}, but the data set has "
+                           f"{train.num_classes} classes (0 to {train.num_classes - 1}); set the attack's "
+                           f"config.target in the matrix to one of them")
+
+
+def _finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number (a bool is not one), else None."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()  # a 0-d tensor or numpy scalar
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _within(x: float, lo: float, hi: float) -> bool:
+    """``lo <= x <= hi`` up to float rounding (a barrier of accuracies 1 and 1 may come out 1 + 2e-16)."""
+    slack = 1e-9 * max(1.0, abs(lo), abs(hi))
+    return lo - slack <= x <= hi + slack
+
+
+def check_metrics(evaluator: Any, out: Any) -> dict[str, Any]:
+    """What an evaluator returned, checked against its declared ``metrics`` and turned into
+    plain floats (lists of them for curves). Raises HarnessError naming the evaluator, the
+    metric and the value for: a result that is not a mapping, an undeclared metric, a value
+    that is not a finite number (a curve: a list of them), or one outside the metric's
+    declared ``range``. Declared metrics may be missing (a config that turns one off, or one
+    without a value in this cell, such as an escape point that is never reached)."""
+    name = evaluator.name
+    if not isinstance(out, Mapping):
+        raise HarnessError(f"evaluator {name!r} returned {type(out).__name__}; evaluate() must return a mapping "
+                           f"of metric names to numbers")
+    unknown = set(out) - set(evaluator.metrics)
+    if unknown:
+        raise HarnessError(f"evaluator {name!r} returned undeclared metrics {sorted(map(str, unknown))}; "
+                           f"declare them in its `metrics`")
+    checked: dict[str, Any] = {}
+    for key, value in out.items():
+        metric = evaluator.metrics[key]
+        if metric.curve:
+            raw = value.tolist() if hasattr(value, "tolist") else value
+            if not isinstance(raw, (list, tuple)):
+                raise HarnessError(f"evaluator {name!r}: curve metric {key!r} is {type(value).__name__} "
+                                   f"{value!r:.80}, not a list of numbers")
+            items = list(raw)
+        else:
+            items = [value]
+        numbers_ = []
+        for i, item in enumerate(items):
+            where = f"{key!r}[{i}]" if metric.curve else repr(key)
+            x = _finite_number(item)
+            if x is None:
+                raise HarnessError(f"evaluator {name!r}: metric {where} is {item!r:.80} "
+                                   f"({type(item).__name__}), not a finite number; the evaluation is not recorded")
+            if metric.range is not None and not _within(x, *metric.range):
+                lo, hi = metric.range
+                raise HarnessError(f"evaluator {name!r}: metric {where} is {x!r}, outside its declared range "
+                                   f"[{lo}, {hi}]; the evaluation is not recorded")
+            numbers_.append(x)
+        checked[key] = numbers_ if metric.curve else numbers_[0]
+    return checked
 
 
 class JobRunner:
@@ -163,6 +236,7 @@ class JobRunner:
     def run_prepare(self, job: PrepareJob) -> tuple[dict, None, dict]:
         train, _ = self.data(job.data)
         attack = self.attack(job)
+        check_target(attack, train, job)
         ctx = PrepareContext(train=train, device=self.device, generator=seed_everything(job.seed), seed=job.seed,
                              fit=partial(self.fit, job), clean_model=self.model(job.clean) if job.clean else None)
         attack.prepare(ctx)
@@ -177,6 +251,8 @@ class JobRunner:
         model = self.new_model(job)
         recipe = Recipe(**job.recipe)
         attack = self.attack(job, trained=False)
+        if attack is not None:
+            check_target(attack, train, job)
         metrics: dict[str, Any] = {}
         if attack is None:
             stats = self.fit(job, model, train, recipe, device=self.device, generator=g)
@@ -256,13 +332,7 @@ class JobRunner:
                           defended={name: self.model(key) for name, key in job.defended},
                           train=train, reserve=self.reserve(train, job), seed=job.seed,
                           generator=seed_everything(job.seed), fit=partial(self.fit, job))
-        metrics = evaluator.evaluate(ctx)
-        unknown = set(metrics) - set(evaluator.metrics)
-        if unknown:
-            raise HarnessError(f"evaluator {evaluator.name!r} returned undeclared metrics {sorted(unknown)}; "
-                               f"declare them in its `metrics`")
-        return {k: [float(x) for x in v] if evaluator.metrics[k].curve else float(v)
-                for k, v in metrics.items()}, None
+        return check_metrics(evaluator, evaluator.evaluate(ctx)), None
 
     # -- one job ----------------------------------------------------------------
 
@@ -283,5 +353,9 @@ class JobRunner:
             rec.status, rec.error = "skipped", str(why)
         except Exception:  # a failing cell must not stop the matrix
             rec.status, rec.error = "failed", traceback.format_exc()
+        except SystemExit as exc:  # a plugin calling sys.exit() fails its cell; it never ends the run
+            rec.status = "failed"
+            rec.error = (traceback.format_exc() + f"SystemExit({exc.code!r}) raised inside the job: a plugin must "
+                         f"not call sys.exit() or exit(); raise an exception instead")
         rec.finished, rec.wall_s = now(), time.perf_counter() - t0
         return rec

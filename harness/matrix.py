@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data import DataSpec
 from .errors import HarnessError
 from .jobs import CORE_VERSION, EvaluateJob, Job, PluginCall, PrepareJob, PurifyJob, TrainJob, metric_infos, plugin_info
-from .models import ModelSpec, check_model_name
+from .models import ModelSpec, check_model_kwargs, check_model_name
 from .registry import format_validation_error, get_class, instance
 from .store import Cell
 from .train import Recipe, resolve_recipe
@@ -97,6 +97,17 @@ class MatrixSpec(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     recipe: Recipe = Field(default_factory=Recipe)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        # the default work directory is runs/<name>: a name must not lead anywhere else
+        if (not value.strip() or value in (".", "..") or ".." in value or any(c in value for c in "/\\:\0")
+                or Path(value).is_absolute() or any(ord(c) < 32 for c in value)):
+            raise ValueError("a matrix name is one plain folder name (the default work directory is "
+                             "runs/<name>): no path separators, no '..', not absolute; pass --workdir to "
+                             "choose where results go")
+        return value
+
     @field_validator("recipe", mode="before")
     @classmethod
     def _recipe(cls, value: Any) -> Any:
@@ -124,9 +135,14 @@ def read_yaml_mapping(path: Path, missing: str, shape: str) -> dict:
     return raw
 
 
-def load_matrix(path: str | Path) -> MatrixSpec:
+def load_matrix(path: str | Path, *, check_data: bool = True) -> MatrixSpec:
     """Read and validate a matrix file; every problem raises one HarnessError
-    naming the file, the key and the fix."""
+    naming the file, the key and the fix.
+
+    ``check_data``: also check that each data set can be found here (a ``root`` that
+    exists, see :meth:`DatasetSource.check`); turn it off where a matrix is only read
+    for its jobs (e.g. checking submitted records against published configs).
+    """
     path = Path(path)
     raw = read_yaml_mapping(path, "no such matrix file",
                             "a matrix file is a mapping with keys datasets, models, attacks, defenses, evaluators")
@@ -134,12 +150,15 @@ def load_matrix(path: str | Path) -> MatrixSpec:
         spec = MatrixSpec.model_validate(raw)
     except ValidationError as err:
         raise HarnessError(format_validation_error(err, str(path))) from None
-    validate_plugins(spec, str(path))
+    validate_plugins(spec, str(path), check_data=check_data)
     return spec
 
 
-def validate_plugins(spec: MatrixSpec, where: str = "matrix") -> None:
-    """Every plugin exists and its config validates (at load time, not mid-run)."""
+def validate_plugins(spec: MatrixSpec, where: str = "matrix", *, check_data: bool = True) -> None:
+    """Every plugin exists and its config validates (at load time, not mid-run); data sets and
+    models have distinct labels (each is one leaderboard cell), model ``kwargs`` are arguments
+    the model takes, attack targets are classes of every data set whose class count is known,
+    and (``check_data``) each data set's source finds its data (:meth:`DatasetSource.check`)."""
     attack_labels = [a.display for a in spec.attacks]
     for kind, refs in (("attack", spec.attacks), ("defense", spec.defenses), ("evaluator", spec.evaluators)):
         labels = [r.display for r in refs]
@@ -161,16 +180,35 @@ def validate_plugins(spec: MatrixSpec, where: str = "matrix") -> None:
                 except HarnessError as err:
                     at = f" (per_attack {atk})" if atk is not None else ""
                     raise HarnessError(f"{where}: {kind}s[{i}]{at}: {err}") from None
-    for i, ds in enumerate(spec.datasets):
-        try:
-            instance("dataset", ds.name, ds.options)
-        except HarnessError as err:
-            raise HarnessError(f"{where}: datasets[{i}]: {err}") from None
+    for kind, entries in (("dataset", spec.datasets), ("model", spec.models)):
+        labels = [e.display for e in entries]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            at = ", ".join(f"{kind}s[{i}]" for i, x in enumerate(labels) if x in dup)
+            raise HarnessError(f"{where}: {at}: {kind}s {dup} appear twice (one leaderboard cell would average "
+                               f"them); give each entry its own `label`, or remove the repeat")
     for i, m in enumerate(spec.models):
         try:
             check_model_name(m.name)
+            check_model_kwargs(m)
         except HarnessError as err:
             raise HarnessError(f"{where}: models[{i}]: {err}") from None
+    for i, ds in enumerate(spec.datasets):
+        try:
+            source = instance("dataset", ds.name, ds.options)
+            if check_data:
+                source.check()
+        except HarnessError as err:
+            raise HarnessError(f"{where}: datasets[{i}]: {err}") from None
+        classes = source.num_classes()
+        if classes is None:
+            continue
+        for j, ref in enumerate(spec.attacks):
+            target = instance("attack", ref.name, ref.config).config.target
+            if target >= classes:
+                raise HarnessError(f"{where}: attacks[{j}].config.target: {target} is not a class of data set "
+                                   f"{ds.display!r} (datasets[{i}]), which has {classes} classes (0 to "
+                                   f"{classes - 1}); choose a target below {classes}")
 
 
 # --------------------------------------------------------------------------

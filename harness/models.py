@@ -98,7 +98,7 @@ class PreActResNet(PooledLinearHead):
     arch_version = "2"
     head_name = "linear"
 
-    def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3, **_: Any):
+    def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3):
         super().__init__()
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
@@ -123,7 +123,7 @@ class TinyCNN(PooledLinearHead):
 
     family = "tiny_cnn"
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 32, **_: Any):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 32):
         super().__init__()
         w = width
         chans = [(in_chans, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 8 * w, 2)]
@@ -141,6 +141,9 @@ class TinyCNN(PooledLinearHead):
 
 
 def _strip_timm_kwargs(kwargs: dict) -> dict:
+    """The keyword arguments of a harness model: what ``timm.create_model`` passes every entry
+    point (its pretrained config) removed, so any other unknown argument is refused (a
+    TypeError, reported by :func:`check_model_kwargs`), never silently ignored."""
     for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(k, None)
     return kwargs
@@ -335,6 +338,29 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise HarnessError(f"unknown model {name!r}.{hint} Any name of timm.list_models() works.")
+
+
+def check_model_kwargs(spec: ModelSpec) -> None:
+    """Raise a HarnessError when the model's constructor does not take one of ``spec.kwargs``
+    (a misspelt or unknown argument would otherwise be an error only at run time, or be
+    silently ignored by a model that swallows extra arguments).
+
+    Builds the model once on the ``meta`` device (no memory, no weights, nothing
+    downloaded); only an argument error is reported here, anything else (a value the
+    model cannot be built with for a data set) when the model is built for its data set.
+    """
+    if not spec.kwargs:
+        return
+    try:
+        with torch.device("meta"):
+            timm.create_model(spec.name, pretrained=False, num_classes=10, **spec.kwargs)
+    except TypeError as exc:
+        if "keyword argument" not in str(exc):
+            return
+        raise HarnessError(f"kwargs {sorted(spec.kwargs)}: model {spec.name!r} does not take them as given ({exc}); "
+                           f"remove or rename the argument (num_classes comes from the data set)") from None
+    except Exception:  # noqa: BLE001 - not an argument error: left to the build of the model for its data
+        return
 
 
 DEFAULT_MEAN, DEFAULT_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -64,7 +64,8 @@ class Recipe(BaseModel):
             radii are in paper 002's 1.0-3.0 range; ``false`` is plain SAM.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: every number finite: an infinite or NaN lr, weight decay, ... is refused when the matrix is read
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     epochs: int = Field(default=100, gt=0)
     batch_size: int = Field(default=128, gt=0)

@@ -71,6 +71,7 @@ class Cifar10(DatasetSource):
     """CIFAR-10; augmentation: random crop (padding 4) + horizontal flip (BackdoorBench's)."""
 
     name = "cifar10"
+    classes = 10
     version = "1"
     augmentation = Augmentation(crop_padding=4, hflip=True)
     summary = "CIFAR-10: archive/ImageFolder tree under the data root, torchvision layout, or download"
@@ -93,6 +94,7 @@ class Cifar100(DatasetSource):
     """CIFAR-100; augmentation: random crop (padding 4) + horizontal flip (BackdoorBench: crop only)."""
 
     name = "cifar100"
+    classes = 100
     version = "1"
     augmentation = Augmentation(crop_padding=4, hflip=True)
     summary = "CIFAR-100: ImageFolder tree under the data root, torchvision layout, or download"
@@ -120,6 +122,7 @@ class Gtsrb(DatasetSource):
     """
 
     name = "gtsrb"
+    classes = 43
     version = "2"
     augmentation = Augmentation(crop_padding=4, hflip=False)
     summary = "GTSRB traffic signs resized to `size` (32): ImageFolder tree, torchvision layout, or download"
@@ -155,6 +158,7 @@ class TinyImagenet(DatasetSource):
     """Tiny-ImageNet; augmentation: random crop (padding 4) + horizontal flip (BackdoorBench: crop only)."""
 
     name = "tiny_imagenet"
+    classes = 200
     version = "1"
     augmentation = Augmentation(crop_padding=4, hflip=True)
     summary = "Tiny-ImageNet (200 classes, 64x64): tiny-imagenet-200 layout or an ImageFolder tree; no download"

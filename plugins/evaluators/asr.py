@@ -14,7 +14,7 @@ class AttackSuccessRate(Evaluator):
     summary = "ASR: triggered non-target test images classified as the target"
     paper = "BackdoorBench (Wu et al., NeurIPS 2022 D&B), test_asr"
     metrics = {"asr": Metric(higher_is_better=False, doc="share of triggered non-target images -> target",
-                          title="ASR", board=20, one_sided=True)}
+                          title="ASR", board=20, one_sided=True, range=(0.0, 1.0))}
 
     def evaluate(self, ctx):
         return {"asr": attack_success_rate(ctx.predict("purified", "poisoned"), ctx.poisoned_test.labels)}

@@ -12,7 +12,7 @@ class CleanAccuracy(Evaluator):
     summary = "C-Acc: accuracy on the clean test set"
     paper = "BackdoorBench (Wu et al., NeurIPS 2022 D&B), test_acc"
     metrics = {"clean_acc": Metric(higher_is_better=True, doc="accuracy on clean test images", title="C-Acc", board=10,
-                                  one_sided=True)}
+                                  one_sided=True, range=(0.0, 1.0))}
 
     def evaluate(self, ctx):
         return {"clean_acc": accuracy(ctx.predict("purified", "clean"), ctx.clean_test.labels)}

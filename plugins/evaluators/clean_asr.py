@@ -23,7 +23,7 @@ class CleanModelASR(Evaluator):
     paper = "none: a baseline (the rate a model with no backdoor predicts the target on triggered images)"
     metrics = {"clean_asr": Metric(higher_is_better=False,
                                    doc="share of triggered non-target images the clean model sends to the target",
-                                   title="ASR(clean model)", board=90)}
+                                   title="ASR(clean model)", board=90, range=(0.0, 1.0))}
     needs_clean_model = True
 
     def evaluate(self, ctx):

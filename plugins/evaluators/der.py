@@ -16,7 +16,8 @@ class DefenseEffectivenessRate(Evaluator):
     version = "1"
     summary = "DER: ASR reduction traded against clean-accuracy loss, in [0, 1]"
     paper = "Zhu et al., FT-SAM, ICCV 2023; BackdoorBench"
-    metrics = {"der": Metric(higher_is_better=True, doc="(max(0,dASR) - max(0,dACC) + 1) / 2", title="DER", board=40)}
+    metrics = {"der": Metric(higher_is_better=True, doc="(max(0,dASR) - max(0,dACC) + 1) / 2", title="DER", board=40,
+                             range=(0.0, 1.0))}
 
     def evaluate(self, ctx):
         y, target = ctx.clean_test.labels, ctx.poisoned_test.labels

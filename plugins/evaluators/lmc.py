@@ -103,23 +103,27 @@ class LinearModeConnectivity(Evaluator):
     summary = "backdoor- and clean-connected paths: ASR/C-Acc from backdoored (t=0) to purified (t=1) weights"
     paper = "Min, Qin et al., Superficial Safety of Backdoor Defense, NeurIPS 2024"
     Config = LMCConfig
+    #: every value (every element of a curve) is a rate, a t in [0, 1], or a barrier: the largest drop of
+    #: an accuracy below the line between two accuracies, so in [0, 1] too
     metrics = {
-        "lmc_t": Metric(higher_is_better=True, doc="t (0 = backdoored, 1 = purified)", curve=True, percent=False),
-        "lmc_asr": Metric(higher_is_better=False, doc="ASR at each t", curve=True),
-        "lmc_backdoor_error": Metric(higher_is_better=True, doc="1 - ASR at each t", curve=True),
-        "lmc_clean_acc": Metric(higher_is_better=True, curve=True,
+        "lmc_t": Metric(higher_is_better=True, doc="t (0 = backdoored, 1 = purified)", curve=True, percent=False,
+                        range=(0.0, 1.0)),
+        "lmc_asr": Metric(higher_is_better=False, doc="ASR at each t", curve=True, range=(0.0, 1.0)),
+        "lmc_backdoor_error": Metric(higher_is_better=True, doc="1 - ASR at each t", curve=True, range=(0.0, 1.0)),
+        "lmc_clean_acc": Metric(higher_is_better=True, curve=True, range=(0.0, 1.0),
                                 doc="clean accuracy at each t (the paper's clean-connected path)"),
-        "lmc_asr_mid": Metric(higher_is_better=False, doc="ASR at t = 0.5"),
+        "lmc_asr_mid": Metric(higher_is_better=False, doc="ASR at t = 0.5", range=(0.0, 1.0)),
         "lmc_escape_t": Metric(higher_is_better=False, doc="smallest t from which ASR stays below escape_asr",
-                               title="LMC-esc t", percent=False, board=80),
+                               title="LMC-esc t", percent=False, board=80, range=(0.0, 1.0)),
         "lmc_clean_to_purified_t": Metric(higher_is_better=True, doc="t (0 = clean model, 1 = purified)",
-                                          curve=True, percent=False),
+                                          curve=True, percent=False, range=(0.0, 1.0)),
         "lmc_clean_to_purified_asr": Metric(higher_is_better=False, doc="ASR at each t, clean -> purified",
-                                            curve=True),
-        "lmc_clean_to_purified_clean_acc": Metric(higher_is_better=True,
-                                                  doc="clean accuracy at each t, clean -> purified", curve=True),
-        "lmc_clean_to_purified_barrier": Metric(higher_is_better=False,
-                                                doc="clean-accuracy barrier between the clean and the purified model"),
+                                            curve=True, range=(0.0, 1.0)),
+        "lmc_clean_to_purified_clean_acc": Metric(higher_is_better=True, curve=True, range=(0.0, 1.0),
+                                                  doc="clean accuracy at each t, clean -> purified"),
+        "lmc_clean_to_purified_barrier": Metric(
+            higher_is_better=False, range=(0.0, 1.0),
+            doc="clean-accuracy barrier between the clean and the purified model"),
     }
 
     @property

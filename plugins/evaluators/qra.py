@@ -159,11 +159,12 @@ class QueryReactivation(Evaluator):
     Config = QRAConfig
     needs_clean_model = True
     metrics = {
-        "qra_c_asr": Metric(higher_is_better=False, doc="purified model: clean non-target images + delta -> target"),
+        "qra_c_asr": Metric(higher_is_better=False, doc="purified model: clean non-target images + delta -> target",
+                            range=(0.0, 1.0)),
         "qra_p_asr": Metric(higher_is_better=False, doc="purified model: poisoned images + delta -> target",
-                            title="QRA P-ASR", board=70),
-        "qra_c_asr_clean_model": Metric(higher_is_better=False, doc="the same on the clean model"),
-        "qra_p_asr_clean_model": Metric(higher_is_better=False, doc="the same on the clean model"),
+                            title="QRA P-ASR", board=70, range=(0.0, 1.0)),
+        "qra_c_asr_clean_model": Metric(higher_is_better=False, doc="the same on the clean model", range=(0.0, 1.0)),
+        "qra_p_asr_clean_model": Metric(higher_is_better=False, doc="the same on the clean model", range=(0.0, 1.0)),
     }
 
     @property

@@ -77,10 +77,10 @@ class Retune(Evaluator):
     Config = RetuneConfig
     metrics = {
         "retune_asr": Metric(higher_is_better=False, doc="ASR of the purified model after retuning (P-ASR)",
-                             title="P-ASR", board=50),
-        "retune_clean_acc": Metric(higher_is_better=True, doc="its clean accuracy"),
+                             title="P-ASR", board=50, range=(0.0, 1.0)),
+        "retune_clean_acc": Metric(higher_is_better=True, doc="its clean accuracy", range=(0.0, 1.0)),
         "retune_asr_clean_model": Metric(higher_is_better=False, doc="ASR of the clean model after the same retuning",
-                                         title="P-ASR(clean)", board=60),
+                                         title="P-ASR(clean)", board=60, range=(0.0, 1.0)),
     }
 
     @property

@@ -14,7 +14,7 @@ class RobustAccuracy(Evaluator):
     summary = "RA: triggered non-target test images classified as their true class"
     paper = "BackdoorBench (Wu et al., NeurIPS 2022 D&B), test_ra"
     metrics = {"robust_acc": Metric(higher_is_better=True, doc="share of triggered images -> true class", title="RA",
-                                   board=30)}
+                                   board=30, range=(0.0, 1.0))}
 
     def evaluate(self, ctx):
         return {"robust_acc": robust_accuracy(ctx.predict("purified", "poisoned"),

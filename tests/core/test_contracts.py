@@ -3,6 +3,7 @@ training-controlled attack path. The defenses' registry-wide contracts are in te
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -41,6 +42,12 @@ def metric_problems(name: str, metrics: dict) -> list[str]:
                 out.append(f"{where} is a board column without a title")
         if info.one_sided and info.curve:
             out.append(f"{where} is a one-sided curve (golden checks test single numbers)")
+        if info.range is not None:
+            lo, hi = info.range
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                out.append(f"{where}.range {info.range} is not (lo, hi) with finite lo < hi")
+            elif info.percent and not 0 <= lo < hi <= 1:
+                out.append(f"{where}.range {info.range} is outside [0, 1], the scale of a percent metric")
     return out
 
 
@@ -49,6 +56,22 @@ def test_evaluator_declares_its_metrics_completely(name):
     ev = bh.create_evaluator(name)
     assert not metric_problems(name, ev.metrics)
     assert type(ev).metrics is ev.metrics  # declared once, on the class: records and upgrades read the class
+
+
+BUILTIN_EVALUATORS = [n for n in bh.list_evaluators()
+                      if registry.get_class("evaluator", n).__module__.startswith("backdoor_harness.plugins.")]
+
+
+@pytest.mark.parametrize("name", BUILTIN_EVALUATORS)
+def test_every_builtin_metric_declares_its_range(name):
+    """Every value a built-in evaluator records is checked against a declared range before its
+    evaluation is marked done (and submitted records are checked against the same ranges)."""
+    metrics = registry.get_class("evaluator", name).metrics
+    assert {m: info.range for m, info in metrics.items() if info.range is None} == {}
+
+
+def test_the_builtin_evaluators_are_found():
+    assert {"clean_acc", "asr", "der", "lmc", "qra", "retune", "robust_acc", "clean_asr"} <= set(BUILTIN_EVALUATORS)
 
 
 def test_the_metric_check_sees_what_it_must():
@@ -61,6 +84,14 @@ def test_the_metric_check_sees_what_it_must():
         "probe.metrics['d'] is a one-sided curve (golden checks test single numbers)",
         "probe.metrics['e'] is a dict, not a Metric"]
     assert metric_problems("empty", {}) == ["empty declares no metrics"]
+    assert metric_problems("ranges", {
+        "f": Metric(higher_is_better=True, doc="f", range=(1.0, 0.0)),
+        "g": Metric(higher_is_better=True, doc="g", range=(0.0, float("inf"))),
+        "h": Metric(higher_is_better=True, doc="h", range=(0.0, 100.0)),
+        "i": Metric(higher_is_better=True, doc="i", range=(0.0, 100.0), percent=False)}) == [
+        "ranges.metrics['f'].range (1.0, 0.0) is not (lo, hi) with finite lo < hi",
+        "ranges.metrics['g'].range (0.0, inf) is not (lo, hi) with finite lo < hi",
+        "ranges.metrics['h'].range (0.0, 100.0) is outside [0, 1], the scale of a percent metric"]
     with pytest.raises(ValidationError):  # a Metric validates its fields when it is declared
         Metric(higher_is_better="sometimes")
     with pytest.raises(ValidationError):

@@ -9,6 +9,8 @@ import time
 import types
 
 import pytest
+import torch
+import yaml
 
 import backdoor_harness as bh
 from backdoor_harness import cli, registry
@@ -240,3 +242,83 @@ def test_a_defense_that_breaks_the_purify_contract_fails_its_cell(tmp_path, plug
     store.close()
     assert "returned Normalized; purify() must return Purified(model, report)" in errors["test_bare_model"]
     assert "returned Purified with a NoneType as its model" in errors["test_no_model"]
+
+
+# -- plugin outputs are checked before a job is marked done (issue 18, item 7) ------------------------------
+
+
+def _evaluator(name: str, value, curve: bool = False, out=None):
+    """A test evaluator whose one metric (a rate in [0, 1]) gets ``value`` (or which returns ``out``)."""
+
+    class Probe(bh.Evaluator):
+        metrics = {"probe": bh.Metric(higher_is_better=True, doc="probe", curve=curve, range=(0.0, 1.0)),
+                   "optional": bh.Metric(higher_is_better=True, doc="not always returned", range=(0.0, 1.0))}
+        version = "1"
+        summary = "returns a fixed value"
+        paper = "-"
+
+        def evaluate(self, ctx):
+            return out if out is not None else {"probe": value}
+
+    Probe.name = name
+    return Probe
+
+
+class Exits(bh.Defense):
+    name = "test_exits"
+    version = "1"
+    summary = "calls sys.exit(0)"
+    paper = "-"
+
+    def purify(self, model, ctx):
+        sys.exit(0)
+
+
+PROBES = [_evaluator("test_nan", float("nan")), _evaluator("test_rate_7_5", 7.5),
+          _evaluator("test_inf_curve", [0.5, float("inf")], curve=True), _evaluator("test_string", "0.5"),
+          _evaluator("test_bool", True), _evaluator("test_returns_list", None, out=[0.5]),
+          _evaluator("test_subset", 0.25), _evaluator("test_tensor", torch.tensor(0.75))]
+
+
+@pytest.fixture
+def probes():
+    registry.register(types.SimpleNamespace(harness_evaluators=bh.hookimpl(lambda: PROBES),
+                                            harness_defenses=bh.hookimpl(lambda: [Exits])), name="test-probes")
+    yield
+    registry.reset()
+
+
+@pytest.mark.integration
+def test_bad_plugin_outputs_fail_their_cell_and_sys_exit_never_ends_the_run(tmp_path, probes, capsys):
+    doc = {"datasets": [{"name": "cifar10", "train_per_class": 20, "test_per_class": 10}],
+           "models": [{"name": "tiny_cnn", "kwargs": {"width": 8}}],
+           "attacks": [{"name": "badnets", "config": {"stamp": "after_augment"}}],
+           "defenses": ["none", "test_exits"], "evaluators": [p.name for p in PROBES],
+           "recipe": {"base": "cpu-quick", "epochs": 1}}
+    counts = run_matrix(MatrixSpec.model_validate(doc), tmp_path, progress=False, log=lambda *a: None)
+    # train, purify none, evaluate test_subset and test_tensor done; purify test_exits and 6 evaluations failed
+    assert counts == {"cached": 0, "done": 4, "failed": 7, "skipped": 0, "blocked": 8}
+    store = Store(tmp_path)
+    purify = {r.attrs.defense: r for r in store.records("purify")}
+    evals = {r.attrs.evaluator: r for r in store.records("evaluate") if r.attrs.defense == "none"}
+    store.close()
+    assert purify["test_exits"].status == "failed" and "SystemExit(0)" in purify["test_exits"].error
+    assert "must not call sys.exit()" in purify["test_exits"].error and purify["test_exits"].artifact is None
+    reasons = {name: rec.error.strip().splitlines()[-1] for name, rec in evals.items() if rec.error}
+    assert "metric 'probe' is nan (float), not a finite number" in reasons["test_nan"]
+    assert "metric 'probe' is 7.5, outside its declared range [0.0, 1.0]" in reasons["test_rate_7_5"]
+    assert "metric 'probe'[1] is inf (float), not a finite number" in reasons["test_inf_curve"]
+    assert "metric 'probe' is '0.5' (str), not a finite number" in reasons["test_string"]
+    assert "metric 'probe' is True (bool), not a finite number" in reasons["test_bool"]
+    assert "returned list; evaluate() must return a mapping" in reasons["test_returns_list"]
+    for name in ("test_nan", "test_rate_7_5", "test_inf_curve", "test_string", "test_bool", "test_returns_list"):
+        assert evals[name].status == "failed" and evals[name].metrics == {}
+    # a declared metric left out (here `optional`) is legitimate; a 0-d tensor is a number
+    assert evals["test_subset"].status == "done" and evals["test_subset"].metrics == {"probe": 0.25}
+    assert evals["test_tensor"].status == "done" and evals["test_tensor"].metrics == {"probe": 0.75}
+
+    # through the CLI: the run ends (exit 1: cells did not finish), never exit 0 from the plugin's sys.exit
+    path = tmp_path / "probes.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["run", str(path), "--workdir", str(tmp_path), "--no-progress"]) == 1
+    assert "did not finish" in capsys.readouterr().err
