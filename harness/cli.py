@@ -1,4 +1,4 @@
-"""The ``harness`` command: list, validate, run, golden, preflight, status, show, export, leaderboard."""
+"""The ``harness`` command: list, validate, run, golden, preflight, verify, status, show, export, leaderboard."""
 
 from __future__ import annotations
 
@@ -182,9 +182,13 @@ def cmd_leaderboard(args) -> int:
     from .submission import add_submission, read_records
 
     if args.add:
-        added, known, target = add_submission(args.add, args.published)
-        print(f"{args.add}: accepted; {added} record(s) added to {target}, {known} already published")
+        added, known, target = add_submission(args.add, args.published, verify=args.verify, seed=args.seed,
+                                               device=args.device)
+        checked = f", {args.verify} evaluation(s) re-run and verified" if args.verify else ""
+        print(f"{args.add}: accepted{checked}; {added} record(s) added to {target}, {known} already published")
         return 0
+    if args.verify:
+        raise HarnessError("--verify N goes with --add FILE (to re-run a file without adding it: harness verify FILE)")
     sources = None
     if args.records:  # one set of boards per file (e.g. one per published run)
         files = [(Path(path).name.split(".")[0], read_records(path)) for path in args.records]
@@ -204,6 +208,22 @@ def cmd_leaderboard(args) -> int:
         print(f"wrote {args.out}")
     else:
         print(text)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .submission import verify_submission as verify
+
+    result = verify(args.file, args.sample, seed=args.seed, device=args.device, published=args.published,
+                    workdir=args.workdir)
+    print(result.table())
+    bad = result.mismatches()
+    if bad:
+        print(f"{args.file}: {len(bad)} mismatch(es) in {len(result.cells)} re-run evaluation(s) "
+              f"(--seed {result.seed}, {result.device}):\n  " + "\n  ".join(bad), file=sys.stderr)
+        return 1
+    print(f"{args.file}: {len(result.cells)} re-run evaluation(s) match the claims (--seed {result.seed}, "
+          f"{result.device})")
     return 0
 
 
@@ -245,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--no-progress", action="store_true", help="no progress meter")
     s.set_defaults(func=cmd_golden)
+    s = sub.add_parser("verify", help="re-run sampled evaluations of an exported run here and compare with its "
+                                      "numbers (exit 1 on a mismatch)")
+    s.add_argument("file", help="an exported run (harness export), as for `harness leaderboard --add`")
+    s.add_argument("--sample", type=int, default=1, help="how many of its evaluations to re-run (default 1)")
+    s.add_argument("--seed", type=int, help="the draw of evaluations (default: a random one, printed)")
+    s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    s.add_argument("--published", default="leaderboard/published.yaml",
+                   help="the published leaderboard's definition (default leaderboard/published.yaml)")
+    s.add_argument("--workdir", help="keep the re-run here (default: a temporary folder, removed)")
+    s.set_defaults(func=cmd_verify)
     # its arguments are the preflight module's own (parsed there, so building this parser imports no torch)
     s = sub.add_parser("preflight", add_help=False, help="every plugin in one tiny job on a device, within a time "
                                                          "budget (harness preflight --help)")
@@ -269,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "records (refused with the reasons otherwise)")
             s.add_argument("--published", default="leaderboard/published.yaml",
                            help="the published leaderboard's definition (default leaderboard/published.yaml)")
+            s.add_argument("--verify", type=int, default=0, metavar="N",
+                           help="with --add: first re-run N of its evaluations here (harness verify); a mismatch "
+                                "refuses it, matches are recorded as verified beside the records")
+            s.add_argument("--seed", type=int, help="with --verify: the draw of evaluations (default: random)")
+            s.add_argument("--device", help="with --verify: torch device (default: cuda if available, else cpu)")
         if name == "export":
             s.add_argument("--out", required=True, help="the JSONL file to write")
         s.add_argument("--workdir", default=None, help="default runs/default")

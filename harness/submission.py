@@ -1,44 +1,82 @@
 """Exporting results and accepting them into the published leaderboard.
 
 ``harness export`` writes a run's records as JSONL, one :class:`JobRecord`
-per line, validated against the record schema (``schema_version``; the JSON
-Schema is ``leaderboard/schema/record-v<N>.json``, generated from
-:class:`JobRecord` and checked against it by the tests).
+per line (ASCII-escaped JSON: no line separator of any kind inside a line),
+validated against the record schema (``schema_version``; the JSON Schema is
+``leaderboard/schema/record-v<N>.json``, generated from :class:`JobRecord`
+and checked against it by the tests).
 
-``harness leaderboard --add FILE`` accepts a submission only when
+``harness leaderboard --add FILE`` accepts a submission only when every line
+passes every check below; otherwise it refuses the whole file, naming
+``file:line`` and why for each problem, and writes nothing.
 
-- every line is a valid record of the current schema version, with the
-  harness version that produced it;
-- every record is a job of one of the published matrices
-  (``leaderboard/published.yaml``): its key, which hashes the job's config,
-  upstream keys and plugin versions, is the key the installed harness
-  computes for that cell, so the same cell with another config or plugin
-  version is refused with the difference named;
-- every evaluate record is ``done`` and comes with its purify and train
-  records (the leaderboard reads the poison rate and the defense's cost from
-  them).
+Before parsing
+    the file is at most :data:`MAX_FILE_BYTES`, each line at most
+    :data:`MAX_LINE_BYTES`, UTF-8; lines are split on ``\\n`` only.
+Each line
+    one JSON object of the current schema version (NaN, Infinity and numbers
+    that overflow a float are refused, nesting is bounded), a valid
+    :class:`JobRecord`, status ``done``, made by the installed harness version.
+Against the job it names
+    its ``key`` is the hash the harness computes from the record's own kind,
+    config, upstream keys (``deps``) and plugin versions
+    (:func:`backdoor_harness.jobs.job_key`), and it is the key of a job of a
+    published matrix (``leaderboard/published.yaml``, expanded by the
+    installed harness); the record's kind, label, cell (``attrs``: data set,
+    model, attack, poison rate, defense, evaluator, seed), config, versions,
+    deps, plugin facts and metric metadata are that job's.
+Its results
+    an evaluation's metrics are the ones its evaluator declares
+    (:attr:`EvaluateJob.metrics`), each a finite number (a curve: a list of
+    them; never a string, a bool or null) inside the metric's declared
+    ``range``; ``artifact`` is null or ``artifacts/<key>.safetensors`` (never
+    a path elsewhere), ``artifact_sha256`` null or 64 hex digits.
+Across records
+    no key twice in the file; a key already published only with an identical
+    record (then it is not added again); every upstream job (``deps``) is in
+    the submission or already published, and done.
 
-Accepted records are appended to the published records; a job already
-published as done is kept, never overwritten.
+Accepted records are appended to ``records/submissions.jsonl`` in one atomic
+replace, under a lock (two ``--add`` at once never lose one another's records).
+:mod:`backdoor_harness.verify` re-runs sampled cells (``harness verify``,
+``--add --verify N``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import yaml
 from pydantic import ValidationError
 
 from .errors import HarnessError
-from .matrix import Job, expand, load_matrix
-from .store import SCHEMA_VERSION, JobRecord
+from .jobs import Job, job_key
+from .store import SCHEMA_VERSION, JobRecord, Metric
+
+if TYPE_CHECKING:
+    from .verify import Verification
 
 #: the published leaderboard's definition, relative to the repository root
 PUBLISHED = Path("leaderboard/published.yaml")
 #: at most this many problems are listed in one refusal
 MAX_PROBLEMS = 20
+#: size limits of a submission, checked before anything is parsed
+MAX_LINE_BYTES = 1 << 20
+MAX_FILE_BYTES = 64 << 20
+#: deepest nesting of JSON arrays and objects in a submitted line
+MAX_DEPTH = 32
+#: the file accepted records are appended to, in the published records folder
+SUBMISSIONS = "submissions.jsonl"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def record_schema() -> dict:
@@ -49,18 +87,47 @@ def record_schema() -> dict:
     return schema
 
 
+def record_line(record: JobRecord) -> str:
+    """One record as a JSONL line: ASCII-escaped JSON (U+2028 and every other character that some
+    reader takes for a line break is written as an escape), no NaN, ending in ``\\n``."""
+    return json.dumps(record.model_dump(mode="json"), ensure_ascii=True, allow_nan=False,
+                      separators=(",", ":")) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` all or nothing: a temporary file in the same folder, flushed, then renamed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii" if text.isascii() else "utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def export(records: Iterable[JobRecord], path: str | Path) -> int:
-    """Write records as JSONL (each re-validated); returns how many."""
-    lines = [JobRecord.model_validate(r.model_dump()).model_dump_json() for r in records]
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
+    """Write records as JSONL (each re-validated, ASCII-escaped); returns how many."""
+    lines = [record_line(JobRecord.model_validate(r.model_dump())) for r in records]
+    write_atomic(Path(path), "".join(lines))
     return len(lines)
 
 
 #: the oldest record schema :func:`read_records` reads (older records are upgraded, see
 #: :func:`backdoor_harness.results.upgrade`)
 OLDEST_SCHEMA = 1
+
+
+def split_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line)`` of every non-blank line, split on ``\\n`` only: never on U+2028,
+    U+2029, U+0085, \\v, \\f or \\x1c-\\x1e, which ``str.splitlines`` takes for line breaks but JSON
+    allows raw inside a string."""
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if line.strip():
+            yield n, line
 
 
 def read_records(path: str | Path, current_only: bool = False) -> list[JobRecord]:
@@ -71,33 +138,80 @@ def read_records(path: str | Path, current_only: bool = False) -> list[JobRecord
     from .results import upgrade_all
 
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise HarnessError(f"{path}: no such file (write one with `harness export --workdir W --out {path}`)")
     records, problems = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in split_lines(path.read_bytes()):
         try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{path}:{n}: not JSON ({err.msg})")
-            continue
-        version = raw.get("schema_version", SCHEMA_VERSION) if isinstance(raw, dict) else SCHEMA_VERSION
-        if version not in range(SCHEMA_VERSION if current_only else OLDEST_SCHEMA, SCHEMA_VERSION + 1):
-            reads = (f"{SCHEMA_VERSION}" if current_only or OLDEST_SCHEMA == SCHEMA_VERSION
-                     else f"{OLDEST_SCHEMA} to {SCHEMA_VERSION}")
-            problems.append(f"{path}:{n}: schema_version {version}, this harness reads {reads}"
-                            f"{' here' if current_only else ''}; export it again with this harness version")
-            continue
-        try:
-            records.append(JobRecord.model_validate(raw))
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(map(str, first["loc"])) or "record"
-            problems.append(f"{path}:{n}: {where}: {first['msg']} (see leaderboard/schema/"
-                            f"record-v{SCHEMA_VERSION}.json)")
+            records.append(_parse(line, current_only))
+        except _LineError as err:
+            problems.append(f"{path}:{n}: {err}")
     _raise(problems, f"{path} is not a valid export")
     return upgrade_all(records)
+
+
+class _LineError(Exception):
+    """What is wrong with one line (the caller adds file:line)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number (NaN and Infinity are refused)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:30]} overflows a float")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """The nesting depth of a parsed JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH:
+                stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _parse(line: bytes, current_only: bool, strict: bool = False) -> JobRecord:
+    """One line as a record, or a :class:`_LineError` saying why not. ``strict`` (submissions):
+    no NaN/Infinity/overflowing numbers, bounded nesting."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _LineError(f"not UTF-8 (byte {err.start})") from None
+    try:
+        raw = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float) if strict else json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _LineError(f"not JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise _LineError("not a record: JSON nested too deeply") from None
+    except ValueError as err:  # the hooks above, or an integer too long to convert
+        raise _LineError(f"not a valid number: {err}") from None
+    if not isinstance(raw, dict):
+        raise _LineError(f"a record is a JSON object, not {type(raw).__name__}")
+    if strict and _depth(raw) > MAX_DEPTH:
+        raise _LineError(f"JSON nested more than {MAX_DEPTH} levels deep")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if (type(version) is not int  # noqa: E721 (a bool is no schema version)
+            or version not in range(SCHEMA_VERSION if current_only else OLDEST_SCHEMA, SCHEMA_VERSION + 1)):
+        reads = (f"{SCHEMA_VERSION}" if current_only or OLDEST_SCHEMA == SCHEMA_VERSION
+                 else f"{OLDEST_SCHEMA} to {SCHEMA_VERSION}")
+        raise _LineError(f"schema_version {text_of(version, 40)}, this harness reads {reads}"
+                         f"{' here' if current_only else ''}; export it again with this harness version")
+    try:
+        return JobRecord.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "record"
+        raise _LineError(f"{text_of(where, 120)}: {first['msg'][:200]} (see leaderboard/schema/"
+                         f"record-v{SCHEMA_VERSION}.json)") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:
+        raise _LineError(f"not a valid record ({type(err).__name__})") from None
 
 
 def _raise(problems: list[str], headline: str) -> None:
@@ -108,64 +222,292 @@ def _raise(problems: list[str], headline: str) -> None:
 
 
 def published_jobs(published: str | Path = PUBLISHED) -> tuple[dict[str, Job], Path]:
-    """The jobs of every published matrix (by key) and the published records folder."""
+    """The jobs of every published matrix (by key, in dependency order) and the published records folder."""
+    from .matrix import expand, load_matrix, read_yaml_mapping
+
     published = Path(published)
-    if not published.exists():
-        raise HarnessError(f"{published}: no such file; run from the repository root or pass --published PATH")
-    doc = yaml.safe_load(published.read_text()) or {}
-    if not isinstance(doc, dict) or not doc.get("matrices") or not doc.get("records"):
+    doc = read_yaml_mapping(published, "no such file; run from the repository root or pass --published PATH",
+                            "needs `matrices` (a list of matrix files) and `records` (a folder)")
+    if not isinstance(doc.get("matrices"), list) or not doc["matrices"] or not isinstance(doc.get("records"), str):
         raise HarnessError(f"{published}: needs `matrices` (a list of matrix files) and `records` (a folder)")
-    root = published.parent.parent
+    root = published.resolve().parent.parent
     jobs: dict[str, Job] = {}
     for spec in doc["matrices"]:
-        for job in expand(load_matrix(root / spec)):
-            jobs[job.key] = job
+        for job in expand(load_matrix(root / str(spec), check_data=False)):
+            jobs.setdefault(job.key, job)
     return jobs, root / doc["records"]
 
 
-def check_submission(records: list[JobRecord], jobs: dict[str, Job]) -> list[str]:
-    """Every reason to refuse ``records`` against the published ``jobs`` (empty: acceptable)."""
-    problems = []
-    by_label = {job.label: job for job in jobs.values()}
-    keys = {r.key for r in records}
-    for r in records:
-        if not r.harness_version:
-            problems.append(f"{r.label}: no harness_version; export it with `harness export`")
-        job = jobs.get(r.key)
-        if job is None:
-            same = by_label.get(r.label)
-            if same is None:
-                problems.append(f"{r.label}: not a cell of the published matrices; add it to a matrix "
-                                f"listed in {PUBLISHED} first")
-            else:
-                diff = "plugin versions " + json.dumps(r.versions) + " vs installed " + json.dumps(same.versions) \
-                    if r.versions != same.versions else "its config or upstream jobs differ from the matrix's"
-                problems.append(f"{r.label}: key {r.key} is not the published cell's {same.key}: {diff}")
+# ---------------------------------------------------------------- submissions
+
+
+@dataclass
+class Line:
+    """A parsed line of a submission: where it is, and its record."""
+
+    where: str
+    record: JobRecord
+
+
+def load_submission(path: str | Path) -> list[Line]:
+    """A submission's records, after the size, encoding and schema checks (one HarnessError naming
+    every bad line otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path}: no such file (write one with `harness export --workdir W --out {path}`)")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise HarnessError(f"{path} refused: {size} bytes, a submission is at most {MAX_FILE_BYTES} bytes; "
+                           f"split it into several files")
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise HarnessError(f"{path} refused: more than {MAX_FILE_BYTES} bytes; split it into several files")
+    lines, problems = [], []
+    for n, line in split_lines(data):
+        if len(line) > MAX_LINE_BYTES:
+            problems.append(f"{path}:{n}: {len(line)} bytes, a record is at most {MAX_LINE_BYTES} bytes")
             continue
-        if r.kind == "evaluate":
-            if r.status != "done":
-                problems.append(f"{r.label}: status {r.status}; submit finished evaluations only")
-            missing = [d for d in r.deps[:2] if d not in keys]
-            if missing:
-                problems.append(f"{r.label}: its train/purify records {missing} are not in the submission; "
-                                f"export the whole run")
+        try:
+            lines.append(Line(f"{path}:{n}", _parse(line, current_only=True, strict=True)))
+        except _LineError as err:
+            problems.append(f"{path}:{n}: {err}")
+    _raise(problems, f"{path} is not a valid export")
+    if not lines:
+        raise HarnessError(f"{path} refused: no records in it (write one with `harness export`)")
+    return lines
+
+
+def _json(value: Any) -> Any:
+    """``value`` as JSON holds it (tuples as lists, models as mappings), for comparisons."""
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, dict):
+        value = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in value.items()}
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def text_of(value: str, limit: int = 200) -> str:
+    """A submitted string as messages show it: at most ``limit`` characters, control characters
+    (ANSI escapes, line breaks of any kind) and other non-ASCII ones escaped."""
+    value = str(value)
+    cut = value[:limit]
+    return json.dumps(cut, ensure_ascii=True)[1:-1] + ("..." if len(value) > limit else "")
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(_json(value), sort_keys=True, ensure_ascii=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None when it is not a finite number (a bool, a string, null...)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def metric_problems(name: str, value: Any, info: Metric | None, declared: Iterable[str]) -> list[str]:
+    """Why ``value`` is not an acceptable value of metric ``name`` (its declaration ``info``)."""
+    if info is None:
+        return [f"metric '{text_of(name, 80)}' is not one its evaluator declares ({', '.join(sorted(declared))})"]
+    values = value if info.curve and isinstance(value, list) else None if info.curve else [value]
+    if values is None:
+        return [f"metric {name!r} is a curve: a list of numbers, not {_short(value, 60)}"]
+    if info.curve and not values:
+        return [f"metric {name!r} is an empty curve"]
+    for v in values:
+        x = _number(v)
+        if x is None:
+            return [f"metric {name!r}: {_short(v, 60)} is not a finite number"]
+        if info.range is not None and not info.range[0] <= x <= info.range[1]:
+            return [f"metric {name!r}: {x:g} is outside its declared range "
+                    f"[{info.range[0]:g}, {info.range[1]:g}]"]
+    return []
+
+
+def record_problems(r: JobRecord, jobs: dict[str, Job]) -> list[str]:
+    """Why one submitted record is not an honest record of the published job it names (empty: it is)."""
+    from . import __version__
+
+    problems = []
+    computed = job_key(r.kind, r.config, r.deps, r.versions)
+    job = jobs.get(r.key)
+    if job is None:
+        same = next((j for j in jobs.values() if j.label == r.label), None)
+        if same is None:
+            return [f"{text_of(r.label)}: not a cell of the published matrices; add it to a matrix listed in "
+                    f"{PUBLISHED} first"]
+        if computed != r.key:
+            return [f"key {text_of(r.key, 40)} is not the hash of the record's own kind, config, deps and versions "
+                    f"({computed}); the record was edited after export: export the run again"]
+        diff = ("plugin versions " + _short(r.versions) + " vs installed " + _short(same.versions)
+                if r.versions != same.versions else "its config or upstream jobs differ from the matrix's")
+        return [f"{r.label}: key {r.key} is not the published cell's {same.key}: {diff}; run the published "
+                f"matrix with the installed plugins"]
+    if computed != r.key:
+        edited = [f for f, mine, theirs in (("kind", r.kind, job.kind), ("config", r.config, job.payload),
+                                            ("deps", r.deps, job.deps), ("versions", r.versions, job.versions))
+                  if _json(mine) != _json(theirs)]
+        problems.append(f"key {r.key} is not the hash of the record's own kind, config, deps and versions "
+                        f"({computed}): {', '.join(edited) or 'its fields'} differ from the published job "
+                        f"{job.label!r}; export the run again, unedited")
+    for field, mine, theirs in (("label", r.label, job.label), ("attrs", r.attrs, job.cell),
+                                ("plugin", r.plugin, job.plugin), ("metric_info", r.metric_info, job.metric_info)):
+        if _json(mine) != _json(theirs):
+            problems.append(f"{field} {_short(mine)} is not the published job's {_short(theirs)} "
+                            f"({job.label}); export the run again with the installed harness")
+    if r.harness_version != __version__:
+        problems.append(f"harness_version '{text_of(r.harness_version, 40)}': the published jobs are this harness's "
+                        f"({__version__}); run and export with it")
+    if r.status != "done":
+        problems.append(f"status {r.status}: submit finished jobs only (drop the line, or rerun the cell until "
+                        f"it is done)")
+    if r.artifact is not None and r.artifact != f"artifacts/{r.key}.safetensors":
+        problems.append(f"artifact '{text_of(r.artifact)}': a record's artifact is null or "
+                        f"artifacts/{r.key}.safetensors (the path `harness export` writes)")
+    if r.artifact_sha256 is not None and not _SHA256.fullmatch(r.artifact_sha256):
+        problems.append(f"artifact_sha256 '{text_of(r.artifact_sha256, 80)}' is not 64 lowercase hex digits")
+    if job.kind == "evaluate":
+        if r.status == "done" and not r.metrics:
+            problems.append("a finished evaluation with no metrics")
+        for name, value in r.metrics.items():
+            problems += metric_problems(name, value, job.metric_info.get(name), job.metric_info)
     return problems
 
 
-def add_submission(path: str | Path, published: str | Path = PUBLISHED) -> tuple[int, int, Path]:
-    """Validate a submission and append it to the published records.
-    Returns (added, already published, the file written)."""
-    records = read_records(path, current_only=True)
-    jobs, folder = published_jobs(published)
-    _raise(check_submission(records, jobs), f"{path} refused")
-    done = set()
-    for existing in sorted(folder.glob("*.jsonl")):
-        done |= {r.key for r in read_records(existing) if r.status == "done"}
-    new = [r for r in records if r.key not in done]
+def check_submission(lines: list[Line], jobs: dict[str, Job], published: dict[str, JobRecord]) -> list[str]:
+    """Every reason to refuse a submission (its parsed ``lines``) against the published ``jobs`` and
+    the records already ``published`` (by key); empty: acceptable."""
+    problems: list[str] = []
+    first: dict[str, str] = {}
+    for line in lines:
+        r = line.record
+        problems += [f"{line.where}: {p}" for p in record_problems(r, jobs)]
+        if r.key in first:
+            problems.append(f"{line.where}: key {r.key} is already at {first[r.key]}; a job is submitted once")
+        first.setdefault(r.key, line.where)
+        old = published.get(r.key)
+        if old is not None and _json(old) != _json(r):
+            problems.append(f"{line.where}: {text_of(r.label)}: already published with other results; a published "
+                            f"record is never replaced (drop this line)")
+    submitted = {line.record.key: line.record for line in lines}
+    for line in lines:
+        for dep in line.record.deps:
+            up = submitted.get(dep) or published.get(dep)
+            if up is None:
+                name = jobs[dep].label if dep in jobs else text_of(dep, 40)
+                problems.append(f"{line.where}: its upstream job {name} is neither in the submission nor "
+                                f"published; export the whole run")
+            elif up.status != "done":
+                problems.append(f"{line.where}: its upstream job {text_of(up.label)} is {up.status}, not done; "
+                                f"rerun the cell until it is done")
+    return problems
+
+
+def published_records(folder: Path) -> dict[str, JobRecord]:
+    """Every record already published (by key; the first one of a key wins)."""
+    out: dict[str, JobRecord] = {}
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        for r in read_records(path):
+            out.setdefault(r.key, r)
+    return out
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the published records folder's lock (one ``--add`` at a time)."""
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "submissions.jsonl"
-    before = target.read_text() if target.exists() else ""
-    tmp = target.with_suffix(".tmp")  # all or nothing: never a half-appended file
-    tmp.write_text(before + "".join(r.model_dump_json() + "\n" for r in new))
-    tmp.replace(target)
-    return len(new), len(records) - len(new), target
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass
+class Checked:
+    """A submission that passed every check: its records, the published jobs and records folder,
+    and which of its records are new (not published yet)."""
+
+    path: Path
+    records: list[JobRecord]
+    jobs: dict[str, Job]
+    folder: Path
+    new: list[JobRecord]
+
+
+def check_file(path: str | Path, published: str | Path = PUBLISHED,
+               site: tuple[dict[str, Job], Path] | None = None, lines: list[Line] | None = None) -> Checked:
+    """Every check of ``--add`` on the file ``path`` (see the module's doc); one HarnessError naming
+    every problem otherwise. ``site``: :func:`published_jobs` of ``published``, and ``lines``:
+    :func:`load_submission` of ``path``, when already known."""
+    lines = load_submission(path) if lines is None else lines
+    jobs, folder = site or published_jobs(published)
+    known = published_records(folder)
+    _raise(check_submission(lines, jobs, known), f"{path} refused")
+    records = [line.record for line in lines]
+    return Checked(Path(path), records, jobs, folder, [r for r in records if r.key not in known])
+
+
+def verify_submission(path: str | Path, sample: int, seed: int | None = None, device: str | None = None,
+                      published: str | Path | None = None, workdir: str | Path | None = None,
+                      log=print):
+    """``harness verify``: check the submission as ``--add`` does (without adding it), then re-run
+    ``sample`` of its evaluations here and compare (:mod:`backdoor_harness.verify`)."""
+    from .verify import verify_checked
+
+    return verify_checked(check_file(path, published or PUBLISHED), sample, seed, device, workdir, log=log)
+
+
+def add_submission(path: str | Path, published: str | Path = PUBLISHED, verify: int = 0, seed: int | None = None,
+                   device: str | None = None, log=print) -> tuple[int, int, Path]:
+    """Check a submission and append it to the published records (nothing is written when anything
+    is refused). ``verify``: first re-run that many of its evaluations here
+    (:func:`backdoor_harness.verify.verify`); a mismatch refuses it, a match is recorded beside the
+    records (:func:`record_verified`).
+    Returns (added, already published, the file written)."""
+    lines = load_submission(path)  # the size limits first, before anything else is read
+    site = published_jobs(published)
+    with _locked(site[1]):
+        checked = check_file(path, published, site, lines)
+        result = None
+        if verify:
+            from .verify import verify_checked
+
+            result = verify_checked(checked, verify, seed=seed, device=device, log=log)
+            if not result.ok:
+                raise HarnessError(f"{path} refused: re-running {len(result.cells)} of its evaluations here gave "
+                                   f"other numbers:\n  " + "\n  ".join(result.mismatches()))
+        target = checked.folder / SUBMISSIONS
+        if checked.new:
+            before = target.read_bytes().decode("utf-8") if target.exists() else ""
+            if before and not before.endswith("\n"):
+                before += "\n"
+            write_atomic(target, before + "".join(record_line(r) for r in checked.new))
+        if result is not None:
+            record_verified(result, target)
+    return len(checked.new), len(checked.records) - len(checked.new), target
+
+
+def record_verified(result: Verification, records_file: str | Path) -> Path:
+    """Add the cells of ``result`` that held to the verification file beside ``records_file``."""
+    from . import __version__
+    from .verify import load_verified, verified_path
+
+    doc = load_verified(records_file)
+    for c in result.cells:
+        if c.ok:
+            doc[c.key] = {"label": c.label, "claimed": {m.name: m.claimed for m in c.metrics},
+                          "rerun": {m.name: m.rerun for m in c.metrics},
+                          "tolerance": {m.name: m.tolerance for m in c.metrics},
+                          "device": result.device, "date": result.date, "harness_version": __version__,
+                          "seed": result.seed}
+    path = verified_path(records_file)
+    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n")
+    return path

@@ -1,0 +1,135 @@
+"""`harness verify` and `harness leaderboard --add --verify`: sampled evaluations re-run here and compared."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from backdoor_harness import cli
+from backdoor_harness.errors import HarnessError
+from backdoor_harness.golden import MIN_DELTA
+from backdoor_harness.store import Metric
+from backdoor_harness.submission import add_submission, read_records
+from backdoor_harness.submission import verify_submission as verify
+from backdoor_harness.verify import load_verified, tolerance, verified_path
+
+MATRIX = """\
+name: verify-test
+datasets: [{name: cifar10, train_per_class: 10, test_per_class: 5}]
+models: [{name: tiny_cnn, kwargs: {width: 4}}]
+attacks: [{name: badnets, config: {stamp: after_augment}}]
+defenses: [none]
+evaluators: [clean_acc]
+recipe: {base: cpu-quick, epochs: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A published leaderboard of a one-cell matrix and an honest exported run of it."""
+    root = tmp_path_factory.mktemp("verify-site")
+    (root / "configs").mkdir()
+    (root / "configs" / "m.yaml").write_text(MATRIX)
+    (root / "leaderboard").mkdir()
+    (root / "leaderboard" / "published.yaml").write_text("matrices: [configs/m.yaml]\nrecords: leaderboard/records\n")
+    work = root / "work"
+    assert cli.main(["run", str(root / "configs" / "m.yaml"), "--workdir", str(work), "--no-progress",
+                     "--device", "cpu"]) == 0
+    assert cli.main(["export", "--workdir", str(work), "--out", str(root / "run.jsonl")]) == 0
+    return root
+
+
+@pytest.fixture
+def board(site, tmp_path) -> Path:
+    root = tmp_path / "board"
+    shutil.copytree(site / "configs", root / "configs")
+    (root / "leaderboard").mkdir()
+    shutil.copy(site / "leaderboard" / "published.yaml", root / "leaderboard" / "published.yaml")
+    return root / "leaderboard" / "published.yaml"
+
+
+def invented(site: Path, tmp_path: Path) -> Path:
+    """The honest run with its evaluation's number moved by 0.3 (the key still holds: metrics are not
+    part of it), as a submitter filling a cell without running it would."""
+    records = [json.loads(line) for line in (site / "run.jsonl").read_text().split("\n") if line.strip()]
+    for r in records:
+        if r["kind"] == "evaluate":
+            claimed = r["metrics"]["clean_acc"]
+            r["metrics"]["clean_acc"] = claimed + 0.3 if claimed < 0.5 else claimed - 0.3
+    path = tmp_path / "invented.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_an_honest_run_verifies_and_an_invented_number_does_not(site, board, tmp_path, capsys):
+    result = verify(site / "run.jsonl", 1, seed=0, device="cpu", published=board, log=lambda *_: None)
+    assert result.ok and len(result.cells) == 1
+    [cell] = result.cells
+    [check] = cell.metrics
+    assert check.name == "clean_acc" and check.claimed == check.rerun and check.tolerance == MIN_DELTA
+    forged = invented(site, tmp_path)
+    assert cli.main(["verify", str(forged), "--sample", "1", "--seed", "3", "--device", "cpu",
+                     "--published", str(board)]) == 1
+    out, err = capsys.readouterr()
+    assert "MISMATCH" in out and "clean_acc: claimed" in err and "--seed 3" in err
+    assert cli.main(["verify", str(site / "run.jsonl"), "--sample", "1", "--device", "cpu",
+                     "--published", str(board)]) == 0
+    assert "match the claims (--seed " in capsys.readouterr().out
+
+
+def test_add_verify_refuses_a_mismatch_and_records_verified_cells(site, board, tmp_path, capsys):
+    forged = invented(site, tmp_path)
+    target = board.parent / "records" / "submissions.jsonl"
+    assert cli.main(["leaderboard", "--add", str(forged), "--verify", "1", "--device", "cpu",
+                     "--published", str(board)]) == 2
+    assert "refused: re-running 1 of its evaluations here gave other numbers" in capsys.readouterr().err
+    assert not target.exists() and not verified_path(target).exists()
+    added, known, target = add_submission(site / "run.jsonl", board, verify=1, seed=0, device="cpu",
+                                          log=lambda *_: None)
+    evaluate = next(r for r in read_records(target) if r.kind == "evaluate")
+    doc = load_verified(target)
+    assert verified_path(target) == target.parent / "submissions.verified.json"
+    assert set(doc) == {evaluate.key}
+    entry = doc[evaluate.key]
+    assert entry["claimed"] == entry["rerun"] == evaluate.metrics and entry["label"] == evaluate.label
+    assert set(entry) == {"label", "claimed", "rerun", "tolerance", "device", "date", "harness_version", "seed"}
+    assert entry["device"].startswith("cpu") and entry["seed"] == 0
+
+
+def test_verify_needs_a_valid_submission_and_a_sample(site, board, tmp_path):
+    with pytest.raises(HarnessError, match="--sample 0: re-run at least one evaluation"):
+        verify(site / "run.jsonl", 0, device="cpu", published=board)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "evaluate"}\n')
+    with pytest.raises(HarnessError, match="is not a valid export"):
+        verify(bad, 1, device="cpu", published=board)
+    with pytest.raises(HarnessError, match="not a torch device"):
+        verify(site / "run.jsonl", 1, device="gpu7", published=board)
+
+
+def test_tolerances_are_the_golden_floor_scaled_for_metrics_that_are_not_rates_and_golden_spread_when_known():
+    rate = Metric(higher_is_better=True)
+    count = Metric(higher_is_better=True, percent=False)
+    assert tolerance(rate, 0.5) == MIN_DELTA
+    assert tolerance(count, 300.0) == pytest.approx(3.0) and tolerance(count, 0.2) == MIN_DELTA
+    assert tolerance(rate, 0.5, golden_delta=0.04) == 0.04 and tolerance(rate, 0.5, golden_delta=0.001) == MIN_DELTA
+    assert tolerance(rate, [0.1, 0.9]) == MIN_DELTA
+
+
+def test_golden_deltas_apply_to_the_very_jobs_a_golden_file_measured(tmp_path):
+    from backdoor_harness.golden import golden_spec, load_golden
+    from backdoor_harness.matrix import expand
+    from backdoor_harness.verify import golden_deltas
+
+    from helpers import ROOT
+
+    path = ROOT / "tests" / "golden" / "tiny.yaml"
+    doc = load_golden(path)
+    job = next(j for j in expand(golden_spec(doc, doc["seeds_measured"][1])) if j.kind == "evaluate")
+    check = next(c for c in doc["checks"] if (c["dataset"], c["model"], c["attack"], c["defense"]) == (
+        job.cell.dataset, job.cell.model, job.cell.attack, job.cell.defense) and c["metric"] in job.metrics)
+    deltas = golden_deltas([path], {job.key, "0" * 24}, log=lambda *_: None)
+    assert deltas[job.key][check["metric"]] == check["delta"] and "0" * 24 not in deltas
