@@ -33,6 +33,28 @@ PLUGIN_OF_JOB = {"train": "attack", "prepare": "attack", "purify": "defense", "e
 # ---------------------------------------------------------------- schema-1 records
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """A record's config section as a dict: one that is not a mapping (a record that validates may
+    hold anything there) reads as empty."""
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _name(ref: Mapping[str, Any]) -> str | None:
+    """The plugin name of a config section (None where it names none, or not as a string)."""
+    name = ref.get("name")
+    return name if isinstance(name, str) else None
+
+
+def _number(value: Any) -> float | None:
+    """A recorded number as a float (one beyond the float range: an infinity); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
+
+
 def _installed(kind: str, name: str) -> type | None:
     try:
         from .registry import get_class
@@ -53,7 +75,7 @@ def installed_plugin_info(kind: str, ref: Mapping[str, Any], version: str | None
     """The :class:`PluginInfo` the installed plugin gives for the reference ``{name, config}`` (what
     a schema-1 record did not record), with the record's ``version``. A plugin that is not
     installed (or no longer takes the config) gives its name, version and raw config and no facts."""
-    name, config = ref["name"], dict(ref.get("config") or {})
+    name, config = ref["name"], _mapping(ref.get("config"))
     plugin = _instance(_installed(kind, name), config)
     if plugin is None:
         return PluginInfo(name=name, version=version or "?", config=config)
@@ -71,11 +93,16 @@ def _poison_rate(rec: JobRecord, plugin: PluginInfo | None, upstream: Mapping[st
     """A schema-1 record's poison rate: a train record's attack config (as configured, else as its
     metrics report it, else the installed attack's default); a purify or evaluate record's train record's."""
     if rec.kind == "train":
-        raw = ((rec.config.get("attack") or {}).get("config") or {}).get("poison_rate")
+        raw = _mapping(_mapping(rec.config.get("attack")).get("config")).get("poison_rate")
         rate = raw if raw is not None else rec.metrics.get("poison_rate")
         if rate is None and plugin is not None:
             rate = plugin.config.get("poison_rate")
-        return rate
+        if isinstance(rate, str):  # a schema-1 config may spell it as text
+            try:
+                rate = float(rate)
+            except ValueError:
+                return None
+        return _number(rate)
     train = upstream.get(rec.deps[0]) if rec.deps else None
     if train is None or train.kind != "train":
         return None
@@ -96,7 +123,7 @@ def upgrade(record: JobRecord | Mapping[str, Any], upstream: Mapping[str, JobRec
     kind = PLUGIN_OF_JOB.get(rec.kind)
     ref = rec.config.get(kind) if kind else None
     plugin = rec.plugin
-    if plugin is None and isinstance(ref, Mapping) and ref.get("name"):
+    if plugin is None and isinstance(ref, Mapping) and ref.get("name") and isinstance(ref["name"], str):
         plugin = installed_plugin_info(kind, ref, rec.versions.get(kind))
     metric_info = rec.metric_info
     if not metric_info and rec.kind == "evaluate" and plugin is not None:
@@ -215,7 +242,7 @@ def installed_revision(name: str | None) -> str | None:
 
 def _recipe(payload: dict | None) -> dict[str, Any]:
     """A recorded recipe with the defaults of the installed trainer filled in."""
-    if payload is None:
+    if not isinstance(payload, Mapping):
         return {}
     try:
         from .train import Recipe
@@ -228,7 +255,7 @@ def _recipe(payload: dict | None) -> dict[str, Any]:
 def _plugin_config(rec: JobRecord, kind: str) -> dict[str, Any]:
     if rec.plugin is not None:
         return dict(rec.plugin.config)
-    return dict((rec.config.get(kind) or {}).get("config") or {})
+    return _mapping(_mapping(rec.config.get(kind)).get("config"))
 
 
 def cell_setup(train: JobRecord | None, purify: JobRecord | None) -> Setup | None:
@@ -236,22 +263,23 @@ def cell_setup(train: JobRecord | None, purify: JobRecord | None) -> Setup | Non
     if train is None or purify is None:
         return None
     tc, pc = train.config, purify.config
-    attack, defense = tc.get("attack") or {}, pc.get("defense") or {}
-    model = tc.get("model") or {}
-    return Setup(data=tc.get("data") or {}, reserve=pc.get("reserve") or {}, model=model,
+    attack, defense = _mapping(tc.get("attack")), _mapping(pc.get("defense"))
+    model = _mapping(tc.get("model"))
+    return Setup(data=_mapping(tc.get("data")), reserve=_mapping(pc.get("reserve")), model=model,
                  model_version=train.versions.get("model"), installed_model_version=installed_revision(model.get("name")),
-                 recipe=_recipe(tc.get("recipe")), attack=attack.get("name"),
+                 recipe=_recipe(tc.get("recipe")), attack=_name(attack),
                  attack_config=_plugin_config(train, "attack") if attack else {},
                  attack_substitute=train.plugin.substitute if train.plugin is not None else None,
-                 defense=defense.get("name"), defense_config=_plugin_config(purify, "defense") if defense else {})
+                 defense=_name(defense), defense_config=_plugin_config(purify, "defense") if defense else {})
 
 
 def evaluator_setup(evaluate: JobRecord) -> PluginSetup:
     """The evaluator of an evaluate record with its effective config."""
     if evaluate.plugin is not None:
         return PluginSetup(name=evaluate.plugin.name, config=evaluate.plugin.config)
-    ref = evaluate.config.get("evaluator") or {}
-    return PluginSetup(name=ref.get("name"), config=dict(ref.get("config") or {}))
+    ref = _mapping(evaluate.config.get("evaluator"))
+    name = ref.get("name")
+    return PluginSetup(name=name if isinstance(name, str) else None, config=_mapping(ref.get("config")))
 
 
 def collect(records: Iterable[JobRecord | Mapping[str, Any]], sources: list[str] | None = None) -> list[ResultCell]:
@@ -300,7 +328,7 @@ def collect(records: Iterable[JobRecord | Mapping[str, Any]], sources: list[str]
             cell["seeds"].add(a.seed)
             for m, v in rec.metrics.items():
                 if isinstance(v, (int, float)):  # curves stay in the store
-                    values[key][folded(m)].append(float(v))
+                    values[key][folded(m)].append(_number(v) if not isinstance(v, bool) else float(v))
                     cell["evaluator_of"][folded(m)] = produced_by
         else:
             reason = (rec.error or "").strip().splitlines()[-1:] or [""]

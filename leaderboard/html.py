@@ -19,7 +19,9 @@ backdoored model, or the clean one for a ``*clean_to_purified*`` curve, at t = 0
 plot per (data set, model, attack, curve), a line per defense.
 
 The page needs nothing from the network: the style, the plots (SVG drawn here) and the sorting script
-are inline. Every text from the records is escaped. :func:`page` is a pure function of its arguments.
+are inline. Every text from the records is shown as plain text (:func:`render.plain`: no control
+characters) and escaped, in elements and attributes alike; a plot draws only finite numbers, clipped to
+its frame. :func:`page` is a pure function of its arguments.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from html import escape
 from typing import Any, Iterable
 
 from .plots import curves
-from .render import LEGEND, fmt_value, group_name, title
+from .render import DASH, LEGEND, fmt_cost, fmt_value, group_name, non_finite, plain, title
 
 #: colours of the defenses, in order of first appearance on the page: Tableau 10, then the rest of
 #: Tableau 20 (so 20 defenses before a colour repeats)
@@ -109,7 +111,12 @@ document.querySelectorAll("th[data-col]").forEach(th => {
 
 
 def _e(text: Any) -> str:
-    return escape(str(text), quote=True)
+    """Text for an element or a quoted attribute: plain (None: a dash), escaped."""
+    return escape(plain(text), quote=True)
+
+
+def _clip(v: float, lo: float, hi: float) -> float:
+    return min(max(v, lo), hi)
 
 
 def _num(x: float) -> str:
@@ -119,20 +126,21 @@ def _num(x: float) -> str:
 # ---------------------------------------------------------------- the table
 
 
-def _groups(board: dict) -> list[str]:
-    return board["attacks"] + (["avg"] if len(board["attacks"]) > 1 else [])
+def _groups(board: dict) -> list[tuple[str | None, bool]]:
+    """The column groups: (attack, False) per attack, then ("avg", True) where there are several."""
+    return [(a, False) for a in board["attacks"]] + ([("avg", True)] if len(board["attacks"]) > 1 else [])
 
 
 def _entry_cell(entry: dict, reasons: list[str]) -> str:
     """A metric cell: the value (or status, or a dash), the reported number small beside it."""
     if entry["value"] is not None:
-        attrs = f' data-v="{entry["value"]!r}"' + (' class="best"' if entry["best"] else "")
+        attrs = f' data-v="{float(entry["value"])!r}"' + (' class="best"' if entry["best"] else "")
         text = fmt_value(entry["value"], entry["percent"])
     elif entry["status"]:
         attrs = f' class="status" title="{_e("; ".join(reasons))}"'
         text = _e(entry["status"])
     else:
-        attrs, text = ' class="missing"', "—"
+        attrs, text = ' class="missing"', DASH
     if entry["reported"] is not None:
         tip = _e(f"reported: {entry['source'] or 'source unknown'}")
         text += f'<small class="rep" title="{tip}">({fmt_value(entry["reported"], entry["percent"])})</small>'
@@ -143,14 +151,19 @@ def _row(board: dict, row: dict, colours: dict[str, str]) -> str:
     d = row["defense"]
     oracle = ' <small title="uses the real trigger: never marked best">(oracle)</small>' if row.get("oracle") else ""
     cells = [f'<td class="text"><span class="swatch" style="background:{colours[d]}"></span>{_e(d)}{oracle}</td>']
-    for g in _groups(board):
-        entries = row["avg"] if g == "avg" else row["cells"][g]
-        reasons = [n for n in board["notes"] if n.startswith(f"{d} / {g} / ")]
+    for g, avg in _groups(board):
+        entries = row["avg"] if avg else row["cells"][g]
+        reasons = [] if avg else [n for n in board["notes"] if n.startswith(f"{d} / {g} / ")]
         cells += [_entry_cell(entries[c.metric], reasons) for c in board["columns"]]
     cost = row["cost_s"]
-    cells.append(f'<td data-v="{cost!r}">{cost:.1f}</td>' if cost is not None else '<td class="missing">—</td>')
-    device = ", ".join(row["device"])
-    cells.append(f'<td class="text">{_e(device)}</td>' if device else '<td class="text missing">—</td>')
+    if cost is None:
+        cells.append(f'<td class="missing">{DASH}</td>')
+    elif non_finite(cost):
+        cells.append(f'<td class="status">{fmt_cost(cost)}</td>')
+    else:
+        cells.append(f'<td data-v="{float(cost)!r}">{fmt_cost(cost)}</td>')
+    device = ", ".join(plain(d) for d in row["device"])
+    cells.append(f'<td class="text">{_e(device)}</td>' if device else f'<td class="text missing">{DASH}</td>')
     return "<tr>" + "".join(cells) + "</tr>"
 
 
@@ -162,15 +175,17 @@ def _head(board: dict) -> str:
     """Two header rows: the attack groups, then their metric columns; defense, cost and device span both."""
     groups, metrics = _groups(board), board["columns"]
     top = [_sort_th(0, "defense", "text", "ascending", ' rowspan="2"')]
-    top += [f'<th class="grp" colspan="{len(metrics)}">{_e(group_name(board, g))}</th>' for g in groups]
+    top += [f'<th class="grp" colspan="{len(metrics)}">{_e(g if avg else group_name(board, g))}</th>'
+            for g, avg in groups]
     n = 1 + len(groups) * len(metrics)
     top += [_sort_th(n, "cost (s)", "num", "ascending", ' rowspan="2"'),
             _sort_th(n + 1, "device", "text", "ascending", ' rowspan="2"')]
     sub = []
-    for i, (g, col) in enumerate((g, c) for g in groups for c in metrics):
+    for i, (g, col) in enumerate((g, c) for g, _ in groups for c in metrics):
         better = "higher" if col.higher_is_better else "lower"
         first = "descending" if col.higher_is_better else "ascending"
-        sub.append(_sort_th(1 + i, col.title, "num", first, f' title="{_e(f"{g} {col.title}: {better} is better")}"'))
+        tip = f"{plain(g)} {plain(col.title)}: {better} is better"
+        sub.append(_sort_th(1 + i, col.title, "num", first, f' title="{_e(tip)}"'))
     return f"<thead><tr>{''.join(top)}</tr><tr>{''.join(sub)}</tr></thead>"
 
 
@@ -273,7 +288,11 @@ def _shape_key(shape: str, label: str) -> str:
 
 
 def _pct(entry: dict) -> float | None:
-    return None if entry["value"] is None else 100 * entry["value"]
+    """A rate in %; None where there is no finite one."""
+    if entry["value"] is None:
+        return None
+    value = 100 * entry["value"]
+    return value if non_finite(value) is None else None
 
 
 def scatter(board: dict, colours: dict[str, str]) -> str:
@@ -285,12 +304,13 @@ def scatter(board: dict, colours: dict[str, str]) -> str:
     points = [p for p in points if p[2] is not None and p[3] is not None]
     if not points:
         return ""
-    lo = min(90, 10 * math.floor(min(p[2] for p in points) / 10))
+    lo = min(90, 10 * math.floor(_clip(min(p[2] for p in points), 0, 100) / 10))
     f = Frame(lo, 100, 10 if 100 - lo > 40 else 5 if 100 - lo > 10 else 2)
     shapes = {atk: SHAPES[i % len(SHAPES)] for i, atk in enumerate(board["attacks"])}
     parts = _axes(f, "C-Acc (%)", "ASR (%)")
-    parts += [_marker(shapes[atk], f.x(x), f.y(y), colours[d], f"{d} / {atk}: C-Acc {x:.2f}%, ASR {y:.2f}%")
-              for d, atk, x, y in points]
+    # a rate outside [0, 100] % (only an evaluator's bug makes one) sits on the frame's edge; its tooltip says it
+    parts += [_marker(shapes[atk], f.x(_clip(x, lo, 100)), f.y(_clip(y, 0, 100)), colours[d],
+                      f"{plain(d)} / {plain(atk)}: C-Acc {x:.2f}%, ASR {y:.2f}%") for d, atk, x, y in points]
     defenses = dict.fromkeys(d for d, *_ in points)
     legend = " ".join(_swatch(colours[d], d) for d in defenses) + "<br>"
     legend += " ".join(_shape_key(shapes[atk], atk) for atk in dict.fromkeys(a for _, a, *_ in points))
@@ -309,7 +329,7 @@ def retune_bars(board: dict) -> str:
     bar, gap, block_gap = 11, 10, 18  # pixels; no x axis: the bars are categories
     attacks = list(dict.fromkeys(p[0] for p in pairs))
     width = 48 + 14 + len(pairs) * (2 * bar + gap) + (len(attacks) - 1) * block_gap + gap
-    names = 5 * max(len(p[1]) for p in pairs)  # the height of the slanted defense names, about
+    names = min(5 * max(len(plain(p[1])) for p in pairs), 300)  # the height of the slanted defense names, about
     f = Frame(0, 1, 1, width=max(width, 260), height=250 + names, bottom=50 + names)
     parts = _axes(f, "", "ASR (%)", x_ticks=False)
     x, base = f.left + gap / 2, f.y(0)
@@ -317,10 +337,10 @@ def retune_bars(board: dict) -> str:
         if i and atk != pairs[i - 1][0]:
             x += block_gap
         for j, (v, colour, name) in enumerate(((o, O_ASR_COLOUR, "O-ASR"), (p, P_ASR_COLOUR, "P-ASR"))):
-            top = f.y(v)
+            top = f.y(_clip(v, 0, 100))
+            tip = f"{plain(d)} / {plain(atk)}: {name} {v:.2f}%"
             parts.append(f'<rect x="{_num(x + j * bar)}" y="{_num(top)}" width="{bar - 1}" '
-                         f'height="{_num(base - top)}" fill="{colour}"><title>{_e(f"{d} / {atk}: {name} {v:.2f}%")}'
-                         f"</title></rect>")
+                         f'height="{_num(base - top)}" fill="{colour}"><title>{_e(tip)}</title></rect>')
         cx = _num(x + bar)
         parts.append(f'<text transform="translate({cx} {_num(base + 8)}) rotate(-50)" text-anchor="end" '
                      f'dominant-baseline="middle">{_e(d)}</text>')
@@ -348,15 +368,15 @@ def curve_plot(key: tuple, by_defense: dict[str, tuple[list[float], list[float]]
     """One curve (ASR in %, against t in [0, 1]), a line per defense."""
     dataset, model, attack, metric = key
     f = Frame(0, 1, 0.2)
-    parts = _axes(f, "t (1 = purified)", f"{metric} (%)")
-    for d, (ts, ys) in by_defense.items():
-        pts = [(f.x(t), f.y(100 * y)) for t, y in zip(ts, ys)]
+    parts = _axes(f, "t (1 = purified)", f"{plain(metric)} (%)")
+    for d, (ts, ys) in by_defense.items():  # finite numbers (plots.curves), clipped to the frame
+        pts = [(f.x(_clip(t, 0, 1)), f.y(_clip(100 * y, 0, 100))) for t, y in zip(ts, ys)]
         parts.append(f'<polyline fill="none" stroke="{colours[d]}" stroke-width="2" points="'
                      + " ".join(f"{_num(x)},{_num(y)}" for x, y in pts) + '"/>')
-        parts += [_marker("circle", x, y, colours[d], f"{d}: t {t:g}, {metric} {100 * v:.2f}%", 3)
+        parts += [_marker("circle", x, y, colours[d], f"{plain(d)}: t {t:g}, {plain(metric)} {100 * v:.2f}%", 3)
                   for (x, y), t, v in zip(pts, ts, ys)]
     legend = " ".join(_swatch(colours[d], d) for d in by_defense)
-    caption = f"{dataset} / {model} / {attack}: {metric} along the path"
+    caption = f"{plain(dataset)} / {plain(model)} / {plain(attack)}: {plain(metric)} along the path"
     return _figure(caption, _svg(f, parts, caption), legend)
 
 

@@ -25,11 +25,19 @@ An evaluator listed under its own ``label`` (``{name: qra, label: qra_kl}``)
 keeps its metrics apart: they are folded as ``<metric>@<label>`` and shown in
 their own columns (``QRA P-ASR [qra_kl]``), never averaged with the entry of
 the same plugin under its plain name.
+
+Every text a record brings (labels, devices, reasons, titles, file names) is shown as plain
+text: control characters (ANSI escapes, C0 and C1 controls, bidi overrides) are dropped and line
+breaks become spaces (:func:`plain`) in every format, and the markdown board escapes what
+markdown would read as syntax (:func:`md`). A metric whose value is not a finite number shows
+as its status (``nan``, ``inf``, ``-inf``), never as a number; a field a record lacks, as a dash.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +71,78 @@ SUBSTITUTE_MARK = "†"
 REPORTED_FILE = Path(__file__).with_name("reported.yaml")
 
 
+#: shown for a field a record does not have
+DASH = "—"
+#: terminal escape sequences: CSI (ESC [ or the C1 CSI), OSC (to BEL or ST), and two-character ESC sequences
+_ESCAPES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?|\x1b\][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?|\x1b[ -~]?")
+#: what breaks a line (anywhere: terminals, markdown, ``str.splitlines``): shown as a space
+_BREAKS = re.compile("[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]")
+#: the other control characters (C0, DEL, C1) and the bidirectional overrides that reorder a line: dropped
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: halves of a UTF-16 pair alone (JSON can spell them; no UTF-8 text can hold them): shown as U+FFFD
+_SURROGATES = re.compile("[\ud800-\udfff]")
+#: what markdown reads as syntax anywhere in a line (``&``: an entity); ``_`` apart (see :func:`md`)
+_MD_INLINE = re.compile(r"([\\`*\[\]<>|~&])")
+#: a run of underscores
+_UNDERSCORES = re.compile(r"_+")
+#: what markdown reads as syntax at the start of a line: a heading, list item, setext underline or block quote
+_MD_START = re.compile(r"^(\s*)(?:([#+=-])|(\d+)([.)]))")
+
+
+def plain(text: Any) -> str:
+    """A record's text as one plain line: escape sequences and control characters dropped, line
+    breaks turned into spaces; None (a field the record lacks) is a dash."""
+    if text is None:
+        return DASH
+    return _SURROGATES.sub("\ufffd", _CONTROLS.sub("", _BREAKS.sub(" ", _ESCAPES.sub("", str(text)))))
+
+
+def md(text: Any) -> str:
+    """A record's text for a markdown board (a table cell, a heading, a list item): :func:`plain`,
+    with backslash, ``|``, ``<``, ``>``, brackets, emphasis and code marks (``_`` but inside a word),
+    ``~`` and ``&`` escaped, and a leading ``#``, ``-``, ``+``, ``=`` or ``1.`` too, so it shows as
+    written and never as a column, a tag, a link, a heading or a list."""
+    escaped = _UNDERSCORES.sub(_underscores, _MD_INLINE.sub(r"\\\1", plain(text)))
+    return _MD_START.sub(lambda m: m[1] + (f"\\{m[2]}" if m[2] else f"{m[3]}\\{m[4]}"), escaped, count=1)
+
+
+def _underscores(m: re.Match) -> str:
+    """A run of ``_`` escaped, unless it sits between two letters or digits (``tiny_cnn``), where
+    markdown never reads it as emphasis (CommonMark's flanking rules for ``_``)."""
+    s, i, j = m.string, m.start(), m.end()
+    if 0 < i and j < len(s) and s[i - 1].isalnum() and s[j].isalnum():
+        return m[0]
+    return m[0].replace("_", "\\_")
+
+
+def shown(text: Any, fmt: str = "text") -> str:
+    """A record's text as the format ``fmt`` shows it: escaped for ``markdown``, else :func:`plain`
+    (the HTML page escapes that itself)."""
+    return md(text) if fmt == "markdown" else plain(text)
+
+
+def non_finite(value: float) -> str | None:
+    """What a number that is not finite shows instead (``nan``, ``inf``, ``-inf``); None for a finite one."""
+    if math.isfinite(value):
+        return None
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
 def column(key: str, info: Metric) -> Column:
     """The :class:`Column` of ``metric`` or ``metric@label`` (titled ``<title> [label]``)."""
     metric, _, label = key.partition("@")
     return Column(key, (info.title or metric) + (f" [{label}]" if label else ""), info.higher_is_better,
                   info.percent, info.board if info.board is not None else 0)
+
+
+def column_title(col: Column, fmt: str = "text") -> str:
+    """A column's title as ``fmt`` shows it: the metric's title and its evaluator's label (both
+    from the records: :func:`shown`) in the brackets :func:`column` puts around it."""
+    label = col.metric.partition("@")[2]
+    suffix = f" [{label}]"
+    if label and col.title.endswith(suffix):
+        return f"{shown(col.title[:-len(suffix)], fmt)} [{shown(label, fmt)}]"
+    return shown(col.title, fmt)
 
 
 def _columns(group: list[ResultCell]) -> list[Column]:
@@ -157,7 +232,9 @@ def _entry(cell: ResultCell | None, col: Column, reported: tuple[float, str] | N
     if cell is None:
         return entry
     if col.metric in cell.metrics:
-        entry["value"] = cell.metrics[col.metric]
+        value = cell.metrics[col.metric]
+        entry["status"] = non_finite(value)  # NaN or an infinity: shown as what it is, never as a number
+        entry["value"] = value if entry["status"] is None else None
         return entry
     label = col.metric.partition("@")[2]
     statuses = sorted({s.status for ev, s in cell.status.items() if not label or ev == label})
@@ -217,7 +294,9 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
                         unmatched.setdefault(tuple(why), [])
                         if f"{atk}/{d}" not in unmatched[tuple(why)]:
                             unmatched[tuple(why)].append(f"{atk}/{d}")
-                    row["cells"][atk][col.metric] = _entry(cell, col, rep)
+                    row["cells"][atk][col.metric] = entry = _entry(cell, col, rep)
+                    if cell is not None and col.metric in cell.metrics and entry["status"]:
+                        notes.append(f"{d} / {atk} / {col.metric}: {entry['status']}: not a finite number")
                 if cell is not None:
                     if cell.cost.wall_s is not None:
                         row.setdefault("_costs", []).append(cell.cost.wall_s)
@@ -251,22 +330,28 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
     return out
 
 
-def title(board: dict) -> str:
+def title(board: dict, fmt: str = "text") -> str:
+    """A board's title; the records' text in it as ``fmt`` shows it (:func:`shown`)."""
     rate = board["poison_rate"]
     rate_s = f"poison rate {100 * rate:g}%" if rate is not None else "poison rate ?"
     seeds = ", ".join(map(str, board["seeds"])) or "-"
-    where = f"{board['source']}: " if board.get("source") else ""
-    model = board["model"]
+    where = f"{shown(board['source'], fmt)}: " if board.get("source") else ""
+    model = shown(board["model"], fmt)
     if board.get("installed_revision") is not None and board.get("model_revision") != board["installed_revision"]:
-        model += (f" [architecture revision {board.get('model_revision') or 1}, not the installed "
-                  f"{board['installed_revision']}]")
-    return f"{where}{board['dataset']} / {model} / {rate_s} (seeds {seeds}; rates in %)"
+        model += (f" [architecture revision {shown(board.get('model_revision') or 1, fmt)}, not the installed "
+                  f"{shown(board['installed_revision'], fmt)}]")
+    return f"{where}{shown(board['dataset'], fmt)} / {model} / {rate_s} (seeds {seeds}; rates in %)"
 
 
 def fmt_value(value: float | None, percent: bool = True) -> str:
     if value is None:
-        return "—"
+        return DASH
     return f"{100 * value:.2f}" if percent else f"{value:.2f}"
+
+
+def fmt_cost(cost: float | None) -> str:
+    """A cost in seconds (a dash: none recorded)."""
+    return DASH if cost is None else f"{cost:.1f}"
 
 
 def fmt_entry(entry: dict, fmt: str = "text") -> str:
@@ -282,41 +367,48 @@ def fmt_entry(entry: dict, fmt: str = "text") -> str:
     return text
 
 
-def group_name(board: dict, group: str) -> str:
+def group_name(board: dict, group: str | None, fmt: str = "text") -> str:
     """An attack's column group, marked when its trigger is a substitute (the note says which)."""
-    return group + (SUBSTITUTE_MARK if group in board.get("substitutes", {}) else "")
+    return shown(group, fmt) + (SUBSTITUTE_MARK if group in board.get("substitutes", {}) else "")
 
 
-def row_name(row: dict) -> str:
+def row_name(row: dict, fmt: str = "text") -> str:
     """A row's defense, marked when it is an oracle (it uses the real trigger: never "best")."""
-    return f"{row['defense']} (oracle)" if row.get("oracle") else row["defense"]
+    return shown(row["defense"], fmt) + (" (oracle)" if row.get("oracle") else "")
+
+
+def devices(row: dict, fmt: str = "text") -> str:
+    """The devices a row's purify jobs ran on (a dash: none recorded)."""
+    return ", ".join(shown(d, fmt) for d in row["device"]) or DASH
 
 
 def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     """One row per (attack, defense) cell, the metrics as columns (no averages): the board
     for few defenses and many attacks, e.g. an attack table with only ``none``."""
-    headers = ["attack", "defense"] + [c.title for c in board["columns"]] + ["cost (s)", "device"]
+    headers = ["attack", "defense"] + [column_title(c, fmt) for c in board["columns"]] + ["cost (s)", "device"]
     rows = []
     for atk in board["attacks"]:
         for row in board["rows"]:
-            cost = row["cell_cost_s"].get(atk)
-            rows.append([group_name(board, atk), row_name(row)] + [fmt_entry(row["cells"][atk][c.metric], fmt) for c in board["columns"]]
-                        + [f"{cost:.1f}" if cost is not None else "—", ", ".join(row["device"]) or "—"])
+            rows.append([group_name(board, atk, fmt), row_name(row, fmt)]
+                        + [fmt_entry(row["cells"][atk][c.metric], fmt) for c in board["columns"]]
+                        + [fmt_cost(row["cell_cost_s"].get(atk)), devices(row, fmt)])
     return headers, rows
 
 
 def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     """Headers and rows of one board for tabulate."""
     groups = board["attacks"] + (["avg"] if len(board["attacks"]) > 1 else [])
-    headers = ["defense"] + [f"{group_name(board, g)} {c.title}" for g in groups for c in board["columns"]]
+    names = [shown(g, fmt) if g == "avg" and i == len(board["attacks"]) else group_name(board, g, fmt)
+             for i, g in enumerate(groups)]
+    headers = ["defense"] + [f"{name} {column_title(c, fmt)}" for name in names for c in board["columns"]]
     headers += ["cost (s)", "device"]
     rows = []
     for row in board["rows"]:
-        line = [row_name(row)]
-        for g in groups:
-            source = row["avg"] if g == "avg" else row["cells"][g]
+        line = [row_name(row, fmt)]
+        for i, g in enumerate(groups):
+            source = row["avg"] if i == len(board["attacks"]) else row["cells"][g]
             line += [fmt_entry(source[c.metric], fmt) for c in board["columns"]]
-        line += [f"{row['cost_s']:.1f}" if row["cost_s"] is not None else "—", ", ".join(row["device"]) or "—"]
+        line += [fmt_cost(row["cost_s"]), devices(row, fmt)]
         rows.append(line)
     return headers, rows
 
@@ -336,8 +428,9 @@ def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] |
     ``long``: text and markdown boards with a row per (attack, defense) (:func:`long_table`);
     ``sources``: each record's source name, boards kept apart per name (see :func:`boards`)."""
     records = list(records)
-    if fmt == "json":
-        return json.dumps([c.model_dump(mode="json") for c in collect(records, sources)], indent=2, sort_keys=True)
+    if fmt == "json":  # strict JSON: a number that is not finite is written as what it is, a string
+        return json.dumps(_finite([c.model_dump(mode="json") for c in collect(records, sources)]), indent=2,
+                          sort_keys=True, allow_nan=False)
     reported = load_reported() if reported is None else list(reported)
     data = boards(records, reported, sources)
     if fmt == "html":
@@ -348,12 +441,23 @@ def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] |
     parts = []
     for board in data:
         headers, rows = (long_table if long else table)(board, fmt)
-        heading = f"### {title(board)}" if fmt == "markdown" else title(board)
+        heading = f"### {title(board, fmt)}" if fmt == "markdown" else title(board, fmt)
         part = heading + "\n\n" + tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
         if board["notes"]:
-            part += "\n\n" + "\n".join(f"- {n}" for n in board["notes"])
+            part += "\n\n" + "\n".join(f"- {shown(n, fmt)}" for n in board["notes"])
         parts.append(part)
     if not parts:
         return "(no evaluation results yet)"
     legend = LEGEND.format(best="**bold**" if fmt == "markdown" else "with *")
     return "\n\n".join(parts) + "\n\n" + legend
+
+
+def _finite(data: Any) -> Any:
+    """``data`` with every float that is not finite replaced by its name (``nan``, ``inf``, ``-inf``)."""
+    if isinstance(data, float):
+        return non_finite(data) or data
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_finite(v) for v in data]
+    return data

@@ -46,12 +46,24 @@ def _same(measured: Any, wanted: Any) -> bool:
     if isinstance(wanted, bool) or isinstance(measured, bool):
         return measured is wanted or measured == wanted
     if isinstance(wanted, (int, float)) and isinstance(measured, (int, float)):
-        return math.isclose(float(measured), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+        try:
+            return math.isclose(float(measured), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+        except OverflowError:  # an integer beyond the float range: only an equal one is the same
+            return measured == wanted
     if isinstance(wanted, dict) and isinstance(measured, dict):
         return all(_same(measured.get(k), v) for k, v in wanted.items())
     if isinstance(wanted, (list, tuple)) and isinstance(measured, (list, tuple)):
         return len(wanted) == len(measured) and all(_same(m, w) for m, w in zip(measured, wanted))
     return measured == wanted
+
+
+def _show(value: Any) -> str:
+    """A recorded value as the notes quote it (its ``repr``; one too long to print, cut short)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than Python prints
+        return "<a number too long to show>"
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def _pinned(value: Any, attack: str | None) -> Any:
@@ -67,7 +79,7 @@ def _compare(where: str, measured: dict, wanted: dict, attack: str | None) -> li
         if field not in measured:
             out.append(f"{where}.{field}: not recorded (the paper's {value!r})")
         elif not _same(measured[field], value):
-            out.append(f"{where}.{field} {measured[field]!r} (the paper's {value!r})")
+            out.append(f"{where}.{field} {_show(measured[field])} (the paper's {value!r})")
     return out
 
 
