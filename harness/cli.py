@@ -189,9 +189,12 @@ def cmd_leaderboard(args) -> int:
         return 0
     if args.verify:
         raise HarnessError("--verify N goes with --add FILE (to re-run a file without adding it: harness verify FILE)")
-    sources = None
+    sources, verified = None, set()
     if args.records:  # one set of boards per file (e.g. one per published run)
+        from .verify import load_verified
+
         files = [(Path(path).name.split(".")[0], read_records(path)) for path in args.records]
+        verified = {key for path in args.records for key in load_verified(path)}
         records = [r for _, recs in files for r in recs]
         sources = [name for name, recs in files for _ in recs] if len(files) > 1 else None
     else:
@@ -202,7 +205,7 @@ def cmd_leaderboard(args) -> int:
             raise HarnessError(f"--reported {args.reported}: no such file (a YAML list of published numbers; "
                                f"see leaderboard/reported.yaml)")
         reported = load_reported(args.reported)
-    text = render(records, args.format, reported, long=args.long, sources=sources)
+    text = render(records, args.format, reported, long=args.long, sources=sources, verified=verified)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}")

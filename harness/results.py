@@ -207,6 +207,7 @@ class ResultCell(BaseModel):
         baseline: the defense returns the model as it is (the undefended reference row).
         setup: what the cell ran with (None when its train or purify record is missing).
         source: the name of the records' source, when several were folded apart.
+        evaluations: the keys of its done evaluate records (what ``harness verify`` re-runs).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -228,6 +229,7 @@ class ResultCell(BaseModel):
     setup: Setup | None = None
     cost: Cost = Field(default_factory=Cost)
     source: str | None = None
+    evaluations: list[str] = Field(default_factory=list)
 
 
 def installed_revision(name: str | None) -> str | None:
@@ -317,6 +319,7 @@ def collect(records: Iterable[JobRecord | Mapping[str, Any]], sources: list[str]
                 "poison_rate": a.poison_rate, "attack": a.attack, "defense": a.defense,
                 "oracle": bool(fact and fact.oracle), "baseline": bool(fact and fact.baseline),
                 "setup": setup, "seeds": set(), "status": {}, "evaluator_of": {}, "metric_info": {},
+                "evaluations": [],
                 "source": source}
         label = a.evaluator or "?"
         produced_by = evaluator_setup(rec)
@@ -325,6 +328,7 @@ def collect(records: Iterable[JobRecord | Mapping[str, Any]], sources: list[str]
             if not info.curve:
                 cell["metric_info"].setdefault(folded(m), info)
         if rec.status == "done":
+            cell["evaluations"].append(rec.key)
             cell["seeds"].add(a.seed)
             for m, v in rec.metrics.items():
                 if isinstance(v, (int, float)):  # curves stay in the store

@@ -32,7 +32,8 @@ from html import escape
 from typing import Any, Iterable
 
 from .plots import curves
-from .render import DASH, LEGEND, fmt_cost, fmt_value, group_name, non_finite, plain, title
+from .render import (DASH, LEGEND, VERIFIED_MARK, fmt_cost, fmt_value, group_name, non_finite, plain, title,
+                     verified_legend)
 
 #: colours of the defenses, in order of first appearance on the page: Tableau 10, then the rest of
 #: Tableau 20 (so 20 defenses before a colour repeats)
@@ -136,6 +137,9 @@ def _entry_cell(entry: dict, reasons: list[str]) -> str:
     if entry["value"] is not None:
         attrs = f' data-v="{float(entry["value"])!r}"' + (' class="best"' if entry["best"] else "")
         text = fmt_value(entry["value"], entry["percent"])
+        if entry.get("verified"):
+            text += f'<small title="re-run by harness verify: it matched">{VERIFIED_MARK}</small>'
+
     elif entry["status"]:
         attrs = f' class="status" title="{_e("; ".join(reasons))}"'
         text = _e(entry["status"])
@@ -396,8 +400,8 @@ def board_section(board: dict, colours: dict[str, str]) -> str:
             + (f'<div class="plots">{plots}</div>' if plots else "") + "</section>")
 
 
-def _footer(generated: str | None) -> str:
-    legend = _e(LEGEND).format(best='<span class="best">like this</span>')
+def _footer(generated: str | None, boards: list[dict]) -> str:
+    legend = _e(LEGEND).format(best='<span class="best">like this</span>', verified=_e(verified_legend(boards)))
     more = ("Hover over a reported number for its source, over a failed, blocked or skipped cell for why (the "
             "reasons are also listed under the table); a dash: never run. Rates in %, means over seeds. Click a "
             "column header to sort the rows (best first; click again to reverse).")
@@ -418,5 +422,5 @@ def page(boards: list[dict], records: Iterable[Any] = (), generated: str | None 
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>Backdoor-harness leaderboard</title><style>{CSS}</style></head>"
-            f"<body><h1>Backdoor-harness leaderboard</h1>{body}{_footer(generated)}"
+            f"<body><h1>Backdoor-harness leaderboard</h1>{body}{_footer(generated, boards)}"
             f"<script>{JS}</script></body></html>\n")

@@ -224,9 +224,10 @@ def _order(group: list[ResultCell]) -> list[str]:
             + [d for d in defenses if d not in baseline and d not in oracle])
 
 
-def _entry(cell: ResultCell | None, col: Column, reported: tuple[float, str] | None) -> dict[str, Any]:
+def _entry(cell: ResultCell | None, col: Column, reported: tuple[float, str] | None,
+           verified: bool = False) -> dict[str, Any]:
     entry: dict[str, Any] = {"metric": col.metric, "percent": col.percent, "value": None, "status": None,
-                             "reported": None, "source": None, "best": False}
+                             "reported": None, "source": None, "best": False, "verified": verified}
     if reported:
         entry["reported"], entry["source"] = reported
     if cell is None:
@@ -254,18 +255,24 @@ def _mark_best(rows: list[dict], col: Column, get) -> None:
         e["best"] = abs(e["value"] - best) < 1e-12
 
 
-def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[str] | None = None
-           ) -> list[dict[str, Any]]:
+def is_verified(cell: ResultCell | None, verified: set[str] | frozenset[str]) -> bool:
+    """Whether every done evaluation of ``cell`` was re-run and matched (``harness verify``)."""
+    return bool(cell is not None and cell.evaluations and all(k in verified for k in cell.evaluations))
+
+
+def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[str] | None = None,
+           verified: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """The leaderboard as data: one board per (data set, model, poison rate), and per source
     when ``sources`` names each record's (see :func:`~backdoor_harness.results.collect`; the board
     then has ``source``).
 
     Each board: ``dataset, model, poison_rate, seeds, attacks, columns`` (the :class:`Column` s shown),
     ``rows`` (per defense: ``cells[attack][metric]`` and ``avg[metric]`` entries of
-    ``{metric, percent, value, status, reported, source, best}``, ``cost_s`` (mean over attacks),
+    ``{metric, percent, value, status, reported, source, best, verified}``, ``cost_s`` (mean over attacks),
     ``cell_cost_s[attack]``, ``device``, ``oracle``, ``baseline``), ``substitutes`` (attack -> what
     replaces its reference trigger) and ``notes`` (why a cell has no number, and which fields keep a
-    paper's number from a cell)."""
+    paper's number from a cell). ``verified``: the evaluate keys that ``harness verify`` re-ran and
+    found matching; a cell all of whose evaluations are among them is marked verified."""
     cells = collect(records, sources)
     index_reported = _reported_index(reported)
     groups: dict[tuple, list[ResultCell]] = {}
@@ -294,7 +301,7 @@ def boards(records: Iterable[Any], reported: Iterable[dict] = (), sources: list[
                         unmatched.setdefault(tuple(why), [])
                         if f"{atk}/{d}" not in unmatched[tuple(why)]:
                             unmatched[tuple(why)].append(f"{atk}/{d}")
-                    row["cells"][atk][col.metric] = entry = _entry(cell, col, rep)
+                    row["cells"][atk][col.metric] = entry = _entry(cell, col, rep, is_verified(cell, verified))
                     if cell is not None and col.metric in cell.metrics and entry["status"]:
                         notes.append(f"{d} / {atk} / {col.metric}: {entry['status']}: not a finite number")
                 if cell is not None:
@@ -362,6 +369,8 @@ def fmt_entry(entry: dict, fmt: str = "text") -> str:
         text = fmt_value(entry["value"], entry["percent"])
         if entry["best"]:
             text = f"**{text}**" if fmt == "markdown" else f"{text}*"
+        if entry.get("verified"):
+            text += VERIFIED_MARK
     if entry["reported"] is not None:
         text += f" ({fmt_value(entry['reported'], entry['percent'])})"
     return text
@@ -413,26 +422,36 @@ def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+#: marks a value that ``harness verify`` re-ran here and found within tolerance
+VERIFIED_MARK = "\u2713"
 LEGEND = ("best value of a column among the defenses marked {best} (the undefended row and oracle rows, which "
           "use the real trigger, are never marked); an attack marked " + SUBSTITUTE_MARK + " runs a substitute "
           "trigger (the notes say what replaces the paper's); a number in parentheses is the one a paper reports for the "
           "cell, shown only where the cell ran that paper's setup (sources: leaderboard/reported.yaml, setups: "
           "leaderboard/setups.yaml; the notes under a board name the fields that differ); cost = mean wall seconds "
-          "of the defense's purify jobs")
+          "of the defense's purify jobs{verified}")
+
+
+def verified_legend(data: list[dict]) -> str:
+    """The legend's sentence on verified values, when a board marks one."""
+    marked = any(e.get("verified") for b in data for r in b["rows"] for c in r["cells"].values() for e in c.values())
+    return f"; a value marked {VERIFIED_MARK} was re-run by `harness verify` and matched" if marked else ""
 
 
 def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] | None = None,
-           long: bool = False, sources: list[str] | None = None) -> str:
+           long: bool = False, sources: list[str] | None = None,
+           verified: set[str] | frozenset[str] = frozenset()) -> str:
     """Render records as ``text``, ``markdown``, ``html`` (one self-contained page) or ``json``
     (the cells of :func:`collect`). ``reported`` defaults to the numbers shipped in ``reported.yaml``;
     ``long``: text and markdown boards with a row per (attack, defense) (:func:`long_table`);
-    ``sources``: each record's source name, boards kept apart per name (see :func:`boards`)."""
+    ``sources``: each record's source name, boards kept apart per name (see :func:`boards`);
+    ``verified``: evaluate keys re-run and matched by ``harness verify`` (their cells are marked)."""
     records = list(records)
     if fmt == "json":  # strict JSON: a number that is not finite is written as what it is, a string
         return json.dumps(_finite([c.model_dump(mode="json") for c in collect(records, sources)]), indent=2,
                           sort_keys=True, allow_nan=False)
     reported = load_reported() if reported is None else list(reported)
-    data = boards(records, reported, sources)
+    data = boards(records, reported, sources, verified)
     if fmt == "html":
         from .html import page
 
@@ -448,7 +467,7 @@ def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] |
         parts.append(part)
     if not parts:
         return "(no evaluation results yet)"
-    legend = LEGEND.format(best="**bold**" if fmt == "markdown" else "with *")
+    legend = LEGEND.format(best="**bold**" if fmt == "markdown" else "with *", verified=verified_legend(data))
     return "\n\n".join(parts) + "\n\n" + legend
 
 

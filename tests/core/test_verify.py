@@ -97,6 +97,17 @@ def test_add_verify_refuses_a_mismatch_and_records_verified_cells(site, board, t
     assert entry["claimed"] == entry["rerun"] == evaluate.metrics and entry["label"] == evaluate.label
     assert set(entry) == {"label", "claimed", "rerun", "tolerance", "device", "date", "harness_version", "seed"}
     assert entry["device"].startswith("cpu") and entry["seed"] == 0
+    # the board marks the verified cell, and only it
+    empty = tmp_path / "reported.yaml"
+    empty.write_text("[]\n")
+    capsys.readouterr()
+    assert cli.main(["leaderboard", "--records", str(target), "--format", "markdown", "--reported", str(empty)]) == 0
+    board_text = capsys.readouterr().out
+    marked = [line for line in board_text.splitlines() if "\u2713" in line and line.startswith("|")]
+    assert len(marked) == 1 and "re-run by `harness verify` and matched" in board_text
+    verified_path(target).unlink()
+    assert cli.main(["leaderboard", "--records", str(target), "--format", "markdown", "--reported", str(empty)]) == 0
+    assert "\u2713" not in capsys.readouterr().out
 
 
 def test_verify_needs_a_valid_submission_and_a_sample(site, board, tmp_path):
