@@ -14,8 +14,14 @@ only runs jobs, each with a :class:`~backdoor_harness.handlers.JobRunner`:
   downstream of an attacked model the worker already ran (its data and
   models are cached there), and replaces a worker that dies or hits a CUDA
   error, retrying its job (twice by default) before recording it failed.
+  Its workers die with their driver: each watches its parent (and, on Linux,
+  asks the kernel for a parent-death signal), so a driver killed even with
+  SIGKILL leaves no worker holding a GPU. They ignore Ctrl-C (SIGINT): the
+  driver gets it and stops them.
 
-They speak the same small interface, :class:`Executor`.
+They speak the same small interface, :class:`Executor`. A job that fails
+because the disk is full stops the run (:class:`~backdoor_harness.errors.HarnessError`)
+instead of failing every job after it the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +39,13 @@ from typing import Any, Callable, Protocol
 
 from .handlers import JobRunner, device_name
 from .jobs import Job
-from .store import JobRecord, Records, job_record, now
+from .errors import HarnessError
+from .store import JobRecord, Records, disk_full, disk_full_error, job_record, now
 
 #: how often the pool looks at its workers while waiting for results
 POLL_S = 0.5
+#: how often a worker checks that its driver is alive
+WATCH_S = 0.5
 #: how long a Ray actor may stay unavailable (its node silent, not yet declared dead) before its
 #: job counts a retry
 UNAVAILABLE_S = 300.0
@@ -48,6 +60,17 @@ def model_key(job: Job) -> str:
 
 
 Claim = Callable[[Job], bool]
+
+
+def checked(records: list[JobRecord], workdir: str | Path) -> list[JobRecord]:
+    """``records``, unless one failed because the disk is full (its checkpoint could not be
+    written): then the run stops with :func:`~backdoor_harness.store.disk_full_error` (that job is
+    not recorded, so nothing is marked done; the next run reruns it)."""
+    for rec in records:
+        if rec.status == "failed" and disk_full(rec.error):
+            last = (rec.error or "").strip().splitlines()[-1:] or [""]
+            raise disk_full_error(workdir, f"{rec.label}: {last[0][:200]}")
+    return records
 
 
 class Executor(Protocol):
@@ -93,15 +116,44 @@ class InProcess:
 
     def poll(self) -> list[JobRecord]:
         job, self._next = self._next, None
-        return [self.runner.run_job(job)] if job else []
+        return checked([self.runner.run_job(job)] if job else [], self.runner.store.workdir)
 
     def close(self) -> None:
         pass
 
 
+def _die_with(parent: int, pdeathsig: bool) -> None:
+    """End this process when ``parent`` (the driver) is gone: a parent-death signal where the
+    kernel has one (Linux; immediate, even while this process is busy in native code; only for a
+    worker started by the driver's main thread, since the kernel sends it when the starting
+    *thread* ends), and a thread that checks, every :data:`WATCH_S`, that the parent is still ours
+    (everywhere)."""
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # no prctl: the thread below still does it
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_S)
+        os._exit(1)  # the driver died (or was killed): nobody will read what this worker computes
+
+    if os.getppid() != parent:  # it died before we got here
+        os._exit(1)
+    threading.Thread(target=watch, name="watch-driver", daemon=True).start()
+
+
 def _worker_main(wid: int, workdir: str, device: str, threads: int, jobs: dict[str, Job], inbox, outbox,
-                 progress: bool) -> None:
-    """A worker process: runs the jobs it is sent and sends back their records (never writes the store)."""
+                 progress: bool, parent: int | None = None, pdeathsig: bool = False) -> None:
+    """A worker process: runs the jobs it is sent and sends back their records (never writes the store).
+    It ignores Ctrl-C (the driver stops it) and exits when the driver ``parent`` dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is not None:
+        _die_with(parent, pdeathsig)
     import torch
 
     from .store import Store
@@ -110,7 +162,12 @@ def _worker_main(wid: int, workdir: str, device: str, threads: int, jobs: dict[s
         torch.set_num_threads(threads)
     runner = JobRunner(Store(workdir), jobs, torch.device(device), progress)
     while True:
-        key = inbox.get()
+        try:
+            key = inbox.get(timeout=WATCH_S)
+        except queue.Empty:
+            if parent is not None and os.getppid() != parent:
+                os._exit(1)
+            continue
         if key is None:
             return
         rec = runner.run_job(jobs[key])
@@ -161,12 +218,19 @@ class WorkerPool:
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if w.visible is not None:  # the child sees one GPU, as cuda:0, from its first CUDA call
             os.environ["CUDA_VISIBLE_DEVICES"] = w.visible
+        # a terminal's Ctrl-C goes to every process of the group: the worker starts with SIGINT
+        # blocked (inherited through spawn; it then ignores it), so only the driver sees it
+        masked = hasattr(signal, "pthread_sigmask")
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masked else None
         try:
             w.proc = self.ctx.Process(target=_worker_main, daemon=True,
                                       args=(w.wid, self.workdir, w.device, self.threads, self.jobs, w.inbox,
-                                            self.outbox, self.progress))
+                                            self.outbox, self.progress, os.getpid(),
+                                            threading.current_thread() is threading.main_thread()))
             w.proc.start()
         finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
             if w.visible is not None:
                 if saved is None:
                     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -210,7 +274,7 @@ class WorkerPool:
         for w in self.workers:
             if w.job is not None and not w.proc.is_alive():
                 out.extend(self._lost(w))
-        return out
+        return checked(out, self.workdir)
 
     def _lost(self, w: _Worker) -> list[JobRecord]:
         job, code = w.job, w.proc.exitcode
@@ -226,14 +290,20 @@ class WorkerPool:
                            error=f"{why}, {n} times (retries: {self.retries})")]
 
     def close(self) -> None:
+        """Stop the workers: an idle one finishes (its inbox says so); a busy one (the run is
+        ending early: Ctrl-C, an error) is terminated, its job left unrecorded for the next run."""
         for w in self.workers:
             if w.proc.is_alive():
-                w.inbox.put(None)
+                if w.job is None:
+                    w.inbox.put(None)
+                else:
+                    w.proc.terminate()
         for w in self.workers:
             w.proc.join(timeout=10)
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join()
+            w.inbox.cancel_join_thread()  # what a stopped worker never read is not waited for
 
 
 class RayExecutor:
@@ -261,8 +331,6 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            from .errors import HarnessError
-
             raise HarnessError("--executor ray needs Ray: pip install 'backdoor-harness[ray]'") from None
         self.ray, self.jobs, self.store, self.retries, self.log = ray, jobs, store, retries, log
         if not ray.is_initialized():
@@ -331,6 +399,7 @@ class RayExecutor:
             try:
                 out.append(JobRecord.model_validate(self.ray.get(ref)))
                 self.holds[i].add(model_key(job))
+                checked(out[-1:], self.store.workdir)
                 continue
             except self.unavailable as err:
                 if job.key not in self.unavailable_since:

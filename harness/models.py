@@ -461,8 +461,12 @@ def save_checkpoint(model: nn.Module | None, path: Path, attack_state: dict[str,
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     state = {} if model is None else dict(model.state_dict())
     state.update({ATTACK_PREFIX + k: v for k, v in (attack_state or {}).items()})
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read(path: Path, attack: bool) -> dict[str, torch.Tensor]:

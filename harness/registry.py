@@ -38,16 +38,45 @@ def get_plugin_manager() -> pluggy.PluginManager:
         pm.add_hookspecs(hookspecs)
         if not os.environ.get("HARNESS_DISABLE_PLUGIN_AUTOLOAD"):
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-        for name in filter(None, os.environ.get("HARNESS_PLUGINS", "").split(",")):
+        for name in filter(None, (n.strip() for n in os.environ.get("HARNESS_PLUGINS", "").split(","))):
             # plugins from modules not installed as packages, e.g. a local file on PYTHONPATH; worker
             # processes inherit the variable, so they see the same plugins as the driver
-            pm.register(importlib.import_module(name.strip()), name=name.strip())
-        pm.check_pending()
+            module = _import_plugin_module(name)
+            if not pm.is_registered(module):  # named twice, or also installed (an entry point)
+                pm.register(module, name=name)
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as err:
+            name = pm.get_name(err.plugin) if getattr(err, "plugin", None) is not None else "?"
+            raise HarnessError(f"plugin {name!r}: {err} (a @hookimpl whose name is not a hook of backdoor_harness: "
+                               f"check its spelling against backdoor_harness.hookspecs)") from None
         if os.environ.get("HARNESS_TRACE_PLUGINS"):
             pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
             pm.enable_tracing()
         _pm = pm
     return _pm
+
+
+def _import_plugin_module(name: str) -> object:
+    """A module named in ``HARNESS_PLUGINS``, imported; a missing or failing one is a HarnessError
+    naming it (and, for one that fails, the line that raised)."""
+    where = f"HARNESS_PLUGINS={os.environ.get('HARNESS_PLUGINS', '')!r} names module {name!r}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name and not (name == err.name or name.startswith(err.name + ".")):  # there, but a dependency is not
+            raise HarnessError(f"{where}, which imports {err.name!r}, which is not installed; install it, or remove "
+                               f"{name!r} from HARNESS_PLUGINS") from None
+        raise HarnessError(f"{where}, but no such module is importable; put its folder on PYTHONPATH (or install "
+                           f"it), fix the name, or remove it from HARNESS_PLUGINS") from None
+    except Exception as err:  # its own code failed (a syntax error, an exception at import time)
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        line = err.lineno if isinstance(err, SyntaxError) else (tb.tb_lineno if tb else None)
+        file = err.filename if isinstance(err, SyntaxError) else (tb.tb_frame.f_code.co_filename if tb else "?")
+        raise HarnessError(f"{where}, but importing it failed at {file}:{line}: {type(err).__name__}: {err}; fix "
+                           f"the module or remove it from HARNESS_PLUGINS") from None
 
 
 def reset() -> None:

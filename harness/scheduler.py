@@ -68,7 +68,7 @@ def run_matrix(spec: MatrixSpec, workdir: str | Path, *, device: str | None = No
         finally:
             pool.close()
             store.release_all(lease.id)
-        store.close()
+            store.close()
     log(" ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
 

@@ -10,23 +10,40 @@ finished job has are counted, not estimated.
 
 from __future__ import annotations
 
+import errno
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from pydantic import ValidationError
+
+from .errors import HarnessError
 from .matrix import Job, MatrixSpec, expand
-from .store import FINAL, JobRecord
+from .store import FINAL, JobRecord, disk_full_error
 
 MATRIX_FILE = "matrix.json"
 
 
 def save_matrix(spec: MatrixSpec, workdir: Path) -> None:
+    """Leave the matrix in ``workdir`` (atomically); a full disk or a read-only directory is a
+    :class:`HarnessError`."""
     tmp = workdir / (MATRIX_FILE + ".tmp")
-    tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
-    tmp.replace(workdir / MATRIX_FILE)
+    try:
+        tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
+        tmp.replace(workdir / MATRIX_FILE)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(workdir, str(err)) from None
+        raise HarnessError(f"cannot write {workdir / MATRIX_FILE} ({err}); make the work directory writable "
+                           f"or pick another with --workdir") from None
 
 
 def plugin_of(kind: str, config: dict[str, Any]) -> str:
@@ -67,8 +84,16 @@ def summarize(records: list[JobRecord], jobs: list[Job] | None, now: float | Non
             "unestimated": unknown, "now": now}
 
 
-def load_jobs(workdir: Path) -> list[Job] | None:
+def load_jobs(workdir: Path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> list[Job] | None:
+    """The jobs of the matrix last run in ``workdir``; None when it left none, or when that file no
+    longer reads or expands (reported through ``warn``: the status then lacks the queued jobs)."""
     path = Path(workdir) / MATRIX_FILE
     if not path.exists():
         return None
-    return expand(MatrixSpec.model_validate(json.loads(path.read_text())))
+    try:
+        return expand(MatrixSpec.model_validate(json.loads(path.read_text())))
+    except (OSError, ValueError, ValidationError, HarnessError) as err:
+        why = " ".join(str(err).split())[:300]
+        warn(f"{path} does not give the matrix's jobs ({why}); queued jobs and the time left are not shown "
+             f"(the next `harness run` rewrites it)")
+        return None

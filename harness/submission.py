@@ -60,7 +60,7 @@ from pydantic import ValidationError
 
 from .errors import HarnessError
 from .jobs import Job, job_key
-from .store import SCHEMA_VERSION, JobRecord, Metric
+from .store import SCHEMA_VERSION, JobRecord, Metric, jsonl_line
 
 if TYPE_CHECKING:
     from .verify import Verification
@@ -88,10 +88,9 @@ def record_schema() -> dict:
 
 
 def record_line(record: JobRecord) -> str:
-    """One record as a JSONL line: ASCII-escaped JSON (U+2028 and every other character that some
-    reader takes for a line break is written as an escape), no NaN, ending in ``\\n``."""
-    return json.dumps(record.model_dump(mode="json"), ensure_ascii=True, allow_nan=False,
-                      separators=(",", ":")) + "\n"
+    """One record as a JSONL line ending in ``\\n``: :func:`backdoor_harness.store.jsonl_line` (ASCII-escaped
+    JSON, so no character that some reader takes for a line break can split it)."""
+    return jsonl_line(record) + "\n"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -4,7 +4,12 @@ always kills its worker recorded failed while the rest of the matrix completes."
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -231,3 +236,143 @@ def test_a_ray_actor_never_opens_the_store(tmp_path):
     purified = actor.run(purify.key, {train.key: trained})
     assert purified["status"] == "done", purified["error"]
     assert not list(tmp_path.glob("results.sqlite*"))
+
+
+#: a defense that writes its worker's pid to a file and then waits to be killed
+SLEEPER = '''
+import os, time
+from pathlib import Path
+
+import backdoor_harness as bh
+from backdoor_harness import PluginConfig
+
+
+class SleeperConfig(PluginConfig):
+    folder: str = ""
+
+
+class Sleeper(bh.Defense):
+    name = "test_sleeper"
+    version = "1"
+    summary = "announces its worker's pid, then sleeps"
+    paper = "-"
+    Config = SleeperConfig
+
+    def purify(self, model, ctx):
+        (Path(self.config.folder) / f"pid-{os.getpid()}").write_text(str(os.getppid()))
+        time.sleep(300)
+        return bh.Purified(model)
+
+
+@bh.hookimpl
+def harness_defenses():
+    return [Sleeper]
+'''
+
+SLEEPY_MATRIX = """
+name: sleepy
+datasets: [{name: cifar10, train_per_class: 10, test_per_class: 5}]
+models: [{name: tiny_cnn, kwargs: {width: 4}}]
+attacks: [{name: badnets, config: {stamp: after_augment}}]
+defenses: [{name: test_sleeper, config: {folder: FOLDER}}]
+evaluators: [clean_acc]
+recipe: {base: cpu-quick, epochs: 1}
+"""
+
+
+def children(pid: int) -> set[int]:
+    """The live (not zombie) child processes of ``pid``, from /proc."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def harness_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "backdoor_harness.cli", *args]
+
+
+@pytest.fixture
+def sleeper(tmp_path, monkeypatch):
+    plugin_module(tmp_path, monkeypatch, "sleeper_defense", SLEEPER)
+    spec = tmp_path / "m.yaml"
+    spec.write_text(SLEEPY_MATRIX.replace("FOLDER", str(tmp_path)))
+    yield tmp_path, spec
+    registry.reset()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_workers_die_with_a_killed_driver(sleeper):
+    """SIGKILL of `harness run --workers 2` while one worker runs a job and the other waits for one:
+    both workers and the multiprocessing resource tracker exit within seconds."""
+    folder, spec = sleeper
+    driver = subprocess.Popen(harness_cli("run", str(spec), "--workdir", str(folder / "work"), "--workers", "2",
+                                          "--no-progress"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(folder.glob("pid-*")) and driver.poll() is None:
+            time.sleep(0.1)
+        busy = [int(p.name[4:]) for p in folder.glob("pid-*")]
+        assert busy, f"the sleeper never started: {driver.stderr.read().decode() if driver.poll() is not None else ''}"
+        kids = children(driver.pid)  # the two workers and the resource tracker
+        assert len(kids) >= 3 and set(busy) < kids, (kids, busy)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(pid) for pid in kids):
+        time.sleep(0.1)
+    left = [pid for pid in kids if alive(pid)]
+    for pid in left:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the killed driver still alive after 10 s: {left}"
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_the_workers_and_releases_the_claims(sleeper):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during `harness run
+    --workers 2`: exit 130 with one line, no traceback from the workers, no worker left, no
+    claim left, the busy job not marked done."""
+    folder, spec = sleeper
+    work = folder / "work"
+    driver = subprocess.Popen(harness_cli("run", str(spec), "--workdir", str(work), "--workers", "2",
+                                          "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(folder.glob("pid-*")) and driver.poll() is None:
+            time.sleep(0.1)
+        kids = children(driver.pid)
+        assert list(folder.glob("pid-*")), driver.communicate()
+        os.killpg(driver.pid, signal.SIGINT)
+        out, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, (out, err)
+    assert "interrupted; rerun the same command to resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(pid) for pid in kids):
+        time.sleep(0.1)
+    assert not [pid for pid in kids if alive(pid)]
+    store = Store(work)
+    try:
+        assert store.claims() == {} and not store.db.execute("SELECT * FROM claims").fetchall()
+        assert {r.kind: r.status for r in store.records()}.get("purify") == "running"  # not done
+    finally:
+        store.close()
+    assert not list((work / ".runs").glob("[!.]*"))  # the lease given back
