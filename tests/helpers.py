@@ -110,3 +110,68 @@ def check_contract(model: nn.Module, defense: Any, run: Callable[[int], nn.Modul
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in out.modules())
     assert type(defense.config).model_validate_json(defense.config.model_dump_json()) == defense.config
     return out
+
+
+# -- a published leaderboard in a temporary folder (submission and verification tests) ------------
+
+
+def published_site(root: Path, matrix: str) -> Path:
+    """``root`` made a repository-like folder: ``configs/m.yaml`` (``matrix``), ``leaderboard/published.yaml``
+    naming it, and one honest exported run of it (``run.jsonl``, on the CPU)."""
+    from backdoor_harness import cli
+
+    (root / "configs").mkdir()
+    (root / "configs" / "m.yaml").write_text(matrix)
+    (root / "leaderboard").mkdir()
+    (root / "leaderboard" / "published.yaml").write_text("matrices: [configs/m.yaml]\nrecords: leaderboard/records\n")
+    work = root / "work"
+    assert cli.main(["run", str(root / "configs" / "m.yaml"), "--workdir", str(work), "--no-progress",
+                     "--device", "cpu"]) == 0
+    assert cli.main(["export", "--workdir", str(work), "--out", str(root / "run.jsonl")]) == 0
+    return root
+
+
+def fresh_board(site: Path, root: Path) -> Path:
+    """A published leaderboard of ``site``'s matrix in ``root`` with nothing published yet: its published.yaml."""
+    import shutil
+
+    shutil.copytree(site / "configs", root / "configs")
+    (root / "leaderboard").mkdir()
+    published = root / "leaderboard" / "published.yaml"
+    shutil.copy(site / "leaderboard" / "published.yaml", published)
+    return published
+
+
+# -- matrix files --------------------------------------------------------------------------------
+
+
+def write_matrix(tmp_path: Path, text: str, name: str = "matrix.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def matrix_error(tmp_path: Path, text: str) -> str:
+    """The message of load_matrix's HarnessError on ``text`` (`harness validate` exits 2 with it on
+    stderr); it names the file."""
+    import pytest
+
+    from backdoor_harness.errors import HarnessError
+    from backdoor_harness.matrix import load_matrix
+
+    path = write_matrix(tmp_path, text)
+    with pytest.raises(HarnessError) as err:
+        load_matrix(path)
+    assert path.name in str(err.value)
+    return str(err.value)
+
+
+#: a small valid matrix file, for tests that break one key of it
+GOOD_MATRIX = """
+datasets: [{name: cifar10, train_per_class: 10}]
+models: [tiny_cnn]
+attacks: [{name: badnets, config: {stamp: after_augment}}]
+defenses: [none, ft]
+evaluators: [clean_acc, asr]
+recipe: cpu-quick
+"""

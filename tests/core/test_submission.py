@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from backdoor_harness.jobs import job_key
 from backdoor_harness.store import SCHEMA_VERSION, JobRecord, Store, job_record
 from backdoor_harness.submission import add_submission, published_jobs, read_records, record_schema
 
-from helpers import ROOT
+from helpers import ROOT, fresh_board, published_site
 
 
 MATRIX = """\
@@ -42,26 +41,13 @@ SEPARATORS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A repository-like folder: configs/, leaderboard/published.yaml, and one exported run of its matrix."""
-    root = tmp_path_factory.mktemp("site")
-    (root / "configs").mkdir()
-    (root / "configs" / "m.yaml").write_text(MATRIX)
-    (root / "leaderboard").mkdir()
-    (root / "leaderboard" / "published.yaml").write_text("matrices: [configs/m.yaml]\nrecords: leaderboard/records\n")
-    work = root / "work"
-    assert cli.main(["run", str(root / "configs" / "m.yaml"), "--workdir", str(work), "--no-progress"]) == 0
-    assert cli.main(["export", "--workdir", str(work), "--out", str(root / "run.jsonl")]) == 0
-    return root
+    return published_site(tmp_path_factory.mktemp("site"), MATRIX)
 
 
 @pytest.fixture
 def board(site, tmp_path) -> Path:
     """A fresh published leaderboard (nothing published yet) of the site's matrix: its published.yaml."""
-    root = tmp_path / "board"
-    shutil.copytree(site / "configs", root / "configs")
-    (root / "leaderboard").mkdir()
-    published = root / "leaderboard" / "published.yaml"
-    shutil.copy(site / "leaderboard" / "published.yaml", published)
-    return published
+    return fresh_board(site, tmp_path / "board")
 
 
 def lines(path: Path) -> list[dict]:
@@ -410,12 +396,7 @@ def _mutate(record: dict, data) -> dict:
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzzed_submission_lines_end_in_success_or_one_clear_refusal(site, tmp_path_factory, data):
-    root = tmp_path_factory.mktemp("fuzz")
-    published = root / "leaderboard" / "published.yaml"
-    if not published.exists():
-        shutil.copytree(site / "configs", root / "configs")
-        published.parent.mkdir()
-        shutil.copy(site / "leaderboard" / "published.yaml", published)
+    published = fresh_board(site, tmp_path_factory.mktemp("fuzz") / "board")
     valid = lines(site / "run.jsonl")
     kind = data.draw(st.sampled_from(["json", "text", "mutated", "mixed"]))
     if kind == "json":
@@ -428,7 +409,7 @@ def test_fuzzed_submission_lines_end_in_success_or_one_clear_refusal(site, tmp_p
     else:
         body = [json.dumps(data.draw(st.sampled_from(valid)) if data.draw(st.booleans()) else _mutate(
             data.draw(st.sampled_from(valid)), data)) for _ in range(data.draw(st.integers(1, 4)))]
-    path = root / "s.jsonl"
+    path = published.parents[1] / "s.jsonl"
     path.write_text("\n".join(body) + "\n", encoding="utf-8", errors="surrogatepass")
     folder = published.parent / "records"
     before = {p.name: p.read_bytes() for p in folder.glob("*")} if folder.exists() else {}

@@ -17,43 +17,22 @@ from backdoor_harness import HarnessError, cli, registry
 from backdoor_harness.data import ImageSet, cached_num_classes, load_source
 from backdoor_harness.matrix import load_matrix
 
-GOOD = """
-datasets: [{name: cifar10, train_per_class: 10}]
-models: [tiny_cnn]
-attacks: [{name: badnets, config: {stamp: after_augment}}]
-defenses: [none, ft]
-evaluators: [clean_acc, asr]
-recipe: cpu-quick
-"""
-
-
-def write(tmp_path, text, name="matrix.yaml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def error_of(tmp_path, text) -> str:
-    """The message of load_matrix's HarnessError; `harness validate` exits 2 with it on stderr."""
-    path = write(tmp_path, text)
-    with pytest.raises(HarnessError) as err:
-        load_matrix(path)
-    assert "matrix.yaml" in str(err.value)
-    return str(err.value)
+from helpers import GOOD_MATRIX as GOOD
+from helpers import matrix_error, write_matrix
 
 
 def test_the_good_matrix_validates(tmp_path, capsys):
-    assert cli.main(["validate", str(write(tmp_path, GOOD))]) == 0
+    assert cli.main(["validate", str(write_matrix(tmp_path, GOOD))]) == 0
 
 
 @pytest.mark.parametrize("rate", ["-0.2", "1.5", ".nan", ".inf"])
 def test_poison_rate_outside_0_1_is_refused(tmp_path, rate):
-    msg = error_of(tmp_path, GOOD.replace("{stamp: after_augment}", f"{{poison_rate: {rate}}}"))
+    msg = matrix_error(tmp_path, GOOD.replace("{stamp: after_augment}", f"{{poison_rate: {rate}}}"))
     assert "attacks[0]" in msg and "poison_rate" in msg
 
 
 def test_a_negative_target_is_refused(tmp_path):
-    msg = error_of(tmp_path, GOOD.replace("{stamp: after_augment}", "{target: -1}"))
+    msg = matrix_error(tmp_path, GOOD.replace("{stamp: after_augment}", "{target: -1}"))
     assert "attacks[0]" in msg and "target" in msg and "greater than or equal to 0" in msg
 
 
@@ -91,7 +70,7 @@ def noise(tmp_path, monkeypatch):
 
 
 def test_a_target_beyond_the_classes_is_refused_when_the_class_count_is_declared(tmp_path, noise):
-    msg = error_of(tmp_path, GOOD.replace("name: cifar10, train_per_class: 10", "name: test_known_noise")
+    msg = matrix_error(tmp_path, GOOD.replace("name: cifar10, train_per_class: 10", "name: test_known_noise")
                    .replace("{stamp: after_augment}", "{target: 3}"))
     assert "attacks[0].config.target" in msg and "3 classes" in msg and "test_known_noise" in msg
 
@@ -100,7 +79,7 @@ def test_a_target_beyond_the_classes_is_refused_when_the_class_count_is_declared
 def test_the_builtin_data_sets_declare_their_class_count(tmp_path, name, classes):
     """So a target beyond them fails at validation, without any data on this machine."""
     assert registry.instance("dataset", name).num_classes() == classes
-    msg = error_of(tmp_path, GOOD.replace("name: cifar10, train_per_class: 10", f"name: {name}")
+    msg = matrix_error(tmp_path, GOOD.replace("name: cifar10, train_per_class: 10", f"name: {name}")
                    .replace("{stamp: after_augment}", f"{{target: {classes}}}"))
     assert "attacks[0].config.target" in msg and f"{classes} classes" in msg
 
@@ -108,12 +87,12 @@ def test_the_builtin_data_sets_declare_their_class_count(tmp_path, name, classes
 def test_a_target_beyond_the_classes_is_refused_once_the_data_set_was_decoded(tmp_path, noise):
     text = GOOD.replace("name: cifar10, train_per_class: 10", "name: test_noise").replace(
         "{stamp: after_augment}", "{target: 7}")
-    load_matrix(write(tmp_path, text))  # never decoded here: the class count is unknown (checked at run time)
+    load_matrix(write_matrix(tmp_path, text))  # never decoded here: the class count is unknown (checked at run time)
     source = registry.create("dataset", "test_noise")
     assert cached_num_classes(source) is None
     load_source(source)
     assert cached_num_classes(source) == 3
-    msg = error_of(tmp_path, text)
+    msg = matrix_error(tmp_path, text)
     assert "attacks[0].config.target: 7" in msg and "3 classes" in msg
 
 
@@ -139,63 +118,63 @@ def test_a_target_beyond_the_classes_fails_the_train_job_before_training(tmp_pat
 @pytest.mark.parametrize("key,value", [("lr", ".inf"), ("lr", ".nan"), ("weight_decay", ".inf"),
                                        ("weight_decay", "-.inf"), ("weight_decay", ".nan")])
 def test_a_recipe_lr_or_weight_decay_that_is_not_finite_is_refused(tmp_path, key, value):
-    msg = error_of(tmp_path, GOOD.replace("recipe: cpu-quick", f"recipe: {{base: cpu-quick, {key}: {value}}}"))
+    msg = matrix_error(tmp_path, GOOD.replace("recipe: cpu-quick", f"recipe: {{base: cpu-quick, {key}: {value}}}"))
     assert f"recipe.{key}" in msg
 
 
 def test_two_data_sets_sharing_a_label_are_refused(tmp_path):
-    msg = error_of(tmp_path, GOOD.replace("[{name: cifar10, train_per_class: 10}]",
+    msg = matrix_error(tmp_path, GOOD.replace("[{name: cifar10, train_per_class: 10}]",
                                           "[{name: cifar10, train_per_class: 10}, {name: cifar10, label: cifar10}]"))
     assert "datasets[0], datasets[1]" in msg and "'cifar10'" in msg and "label" in msg
 
 
 def test_two_models_sharing_a_label_are_refused(tmp_path):
-    msg = error_of(tmp_path, GOOD.replace("models: [tiny_cnn]",
+    msg = matrix_error(tmp_path, GOOD.replace("models: [tiny_cnn]",
                                           "models: [tiny_cnn, {name: tiny_cnn, kwargs: {width: 8}}]"))
     assert "models[0], models[1]" in msg and "'tiny_cnn'" in msg and "label" in msg
     # with labels they are two cells
-    load_matrix(write(tmp_path, GOOD.replace(
+    load_matrix(write_matrix(tmp_path, GOOD.replace(
         "models: [tiny_cnn]", "models: [tiny_cnn, {name: tiny_cnn, kwargs: {width: 8}, label: tiny8}]")))
 
 
 @pytest.mark.parametrize("model", ["{name: tiny_cnn, kwargs: {widht: 8}}", "{name: resnet18, kwargs: {dropp: 0.1}}",
                                    "{name: tiny_cnn, kwargs: {num_classes: 3}}"])
 def test_an_unknown_model_kwarg_is_refused(tmp_path, model):
-    msg = error_of(tmp_path, GOOD.replace("models: [tiny_cnn]", f"models: [{model}]"))
+    msg = matrix_error(tmp_path, GOOD.replace("models: [tiny_cnn]", f"models: [{model}]"))
     assert "models[0]" in msg and "kwargs" in msg and "keyword argument" in msg
 
 
 def test_known_model_kwargs_pass(tmp_path):
-    load_matrix(write(tmp_path, GOOD.replace("models: [tiny_cnn]", "models: [{name: tiny_cnn, kwargs: {width: 8}}, "
+    load_matrix(write_matrix(tmp_path, GOOD.replace("models: [tiny_cnn]", "models: [{name: tiny_cnn, kwargs: {width: 8}}, "
                                              "{name: resnet18, kwargs: {drop_rate: 0.1}}]")))
 
 
 def test_a_missing_imagefolder_root_is_refused(tmp_path):
-    msg = error_of(tmp_path, GOOD.replace("{name: cifar10, train_per_class: 10}",
+    msg = matrix_error(tmp_path, GOOD.replace("{name: cifar10, train_per_class: 10}",
                                           f"{{name: imagefolder, options: {{root: {tmp_path / 'nowhere'}}}}}"))
     assert "datasets[0]" in msg and "options.root" in msg and "nowhere" in msg and "does not exist" in msg
 
 
 def test_a_missing_data_directory_is_refused(tmp_path, monkeypatch):
-    msg = error_of(tmp_path, GOOD.replace("train_per_class: 10", f"options: {{root: {tmp_path / 'gone'}}}"))
+    msg = matrix_error(tmp_path, GOOD.replace("train_per_class: 10", f"options: {{root: {tmp_path / 'gone'}}}"))
     assert "datasets[0]" in msg and "options.root" in msg and "gone" in msg
     monkeypatch.setenv("HARNESS_DATA", str(tmp_path / "no-data-here"))
-    msg = error_of(tmp_path, GOOD)
+    msg = matrix_error(tmp_path, GOOD)
     assert "datasets[0]" in msg and "HARNESS_DATA" in msg and "no-data-here" in msg
     # only where data sets are checked
-    load_matrix(write(tmp_path, GOOD), check_data=False)
+    load_matrix(write_matrix(tmp_path, GOOD), check_data=False)
 
 
 @pytest.mark.parametrize("name", ["/tmp/elsewhere", "../up", "a/b", "..", "a\\\\b", "''"])
 def test_a_matrix_name_that_is_a_path_is_refused(tmp_path, name, capsys):
-    path = write(tmp_path, f"name: {name}\n{GOOD}")
+    path = write_matrix(tmp_path, f"name: {name}\n{GOOD}")
     assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "matrix.yaml: name:" in err and "--workdir" in err and "Traceback" not in err
 
 
 def test_each_gap_exits_2_with_one_message_through_the_cli(tmp_path, capsys):
-    path = write(tmp_path, GOOD.replace("{stamp: after_augment}", "{poison_rate: -0.2}"))
+    path = write_matrix(tmp_path, GOOD.replace("{stamp: after_augment}", "{poison_rate: -0.2}"))
     assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "matrix.yaml: attacks[0]" in err and "Traceback" not in err
@@ -240,7 +219,7 @@ def matrices(draw):
 @given(doc=matrices(), raw=st.booleans())
 def test_fuzzed_matrix_files_validate_or_give_one_clear_message(tmp_path, capsys, doc, raw):
     text = yaml.safe_dump(doc) if not raw or not isinstance(doc, str) else doc
-    path = write(tmp_path, text)
+    path = write_matrix(tmp_path, text)
     code = cli.main(["validate", str(path)])
     out = capsys.readouterr()
     assert code in (0, 2), out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ from backdoor_harness.store import Metric
 from backdoor_harness.submission import add_submission, read_records
 from backdoor_harness.submission import verify_submission as verify
 from backdoor_harness.verify import load_verified, tolerance, verified_path
+
+from helpers import fresh_board, published_site
 
 MATRIX = """\
 name: verify-test
@@ -30,25 +31,13 @@ recipe: {base: cpu-quick, epochs: 1}
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A published leaderboard of a one-cell matrix and an honest exported run of it."""
-    root = tmp_path_factory.mktemp("verify-site")
-    (root / "configs").mkdir()
-    (root / "configs" / "m.yaml").write_text(MATRIX)
-    (root / "leaderboard").mkdir()
-    (root / "leaderboard" / "published.yaml").write_text("matrices: [configs/m.yaml]\nrecords: leaderboard/records\n")
-    work = root / "work"
-    assert cli.main(["run", str(root / "configs" / "m.yaml"), "--workdir", str(work), "--no-progress",
-                     "--device", "cpu"]) == 0
-    assert cli.main(["export", "--workdir", str(work), "--out", str(root / "run.jsonl")]) == 0
-    return root
+    return published_site(tmp_path_factory.mktemp("verify-site"), MATRIX)
 
 
 @pytest.fixture
 def board(site, tmp_path) -> Path:
-    root = tmp_path / "board"
-    shutil.copytree(site / "configs", root / "configs")
-    (root / "leaderboard").mkdir()
-    shutil.copy(site / "leaderboard" / "published.yaml", root / "leaderboard" / "published.yaml")
-    return root / "leaderboard" / "published.yaml"
+    """A fresh published leaderboard (nothing published yet) of the site's matrix: its published.yaml."""
+    return fresh_board(site, tmp_path / "board")
 
 
 def invented(site: Path, tmp_path: Path) -> Path:
@@ -135,7 +124,7 @@ def test_golden_deltas_apply_to_the_very_jobs_a_golden_file_measured(tmp_path):
     from backdoor_harness.matrix import expand
     from backdoor_harness.verify import golden_deltas
 
-    from helpers import ROOT
+    from helpers import ROOT, fresh_board, published_site
 
     path = ROOT / "tests" / "golden" / "tiny.yaml"
     doc = load_golden(path)
