@@ -120,13 +120,15 @@ def cmd_status(args) -> int:
     active = f"{len(runs)} run(s) active ({'; '.join(runs.values())})" if runs else "no run is active"
     print(f"\n{active} in {store.workdir}")
     claims = store.claims()
+    from .leaderboard.render import plain  # a record's text reaches the terminal without escape sequences
+
     for r in info["running"]:  # a running record without a live run's claim was interrupted
-        where = f"on {r.device or '?'}, for {info['now'] - (r.started or info['now']):.0f} s"
-        print(f"{'running' if r.key in claims else 'interrupted':11} {r.key[:12]} {r.label} ({where})")
+        where = f"on {plain(r.device or '?')}, for {info['now'] - (r.started or info['now']):.0f} s"
+        print(f"{'running' if r.key in claims else 'interrupted':11} {r.key[:12]} {plain(r.label)} ({where})")
     for r in recs:
         if r.status in ("failed", "blocked", "skipped"):
-            reason = (r.error or "").strip().splitlines()[-1:] or [""]
-            print(f"{r.status:11} {r.key[:12]} {r.label}: {reason[0]}")
+            reason = (r.error or "").strip().split("\n")[-1]
+            print(f"{r.status:11} {r.key[:12]} {plain(r.label)}: {plain(reason)}")
     if info["seconds_left"] is not None:
         extra = f" (+ {info['unestimated']} jobs of a kind none has finished yet)" if info["unestimated"] else ""
         print(f"estimated time left: {info['seconds_left'] / 60:.1f} min on one worker{extra}")

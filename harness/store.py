@@ -64,7 +64,7 @@ class Cell(BaseModel):
     seed: int
     model: str | None = None
     attack: str | None = None
-    poison_rate: float | None = None
+    poison_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     defense: str | None = None
     evaluator: str | None = None
     role: Literal["attacked", "clean", "resource"] | None = None

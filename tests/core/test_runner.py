@@ -322,3 +322,22 @@ def test_bad_plugin_outputs_fail_their_cell_and_sys_exit_never_ends_the_run(tmp_
     path.write_text(yaml.safe_dump(doc))
     assert cli.main(["run", str(path), "--workdir", str(tmp_path), "--no-progress"]) == 1
     assert "did not finish" in capsys.readouterr().err
+
+
+def test_status_shows_a_records_text_without_escape_sequences(tmp_path, capsys):
+    store = Store(tmp_path)
+    store.put(JobRecord(key="e" * 24, kind="evaluate", label="evil \x1b[31mred\x1b[0m\u2028# head", status="failed",
+                        attrs={"dataset": "d", "seed": 0}, error="Traceback ...\nValueError: boom \x1b]0;title\x07"))
+    store.close()
+    assert cli.main(["status", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("failed"))
+    assert "\x1b" not in out and "\x07" not in out and "\u2028" not in out
+    assert "evil red # head" in line and "ValueError: boom" in line
+
+
+def test_a_cells_poison_rate_is_a_finite_rate():
+    for bad in (float("nan"), float("inf"), -0.1, 1.5):
+        with pytest.raises(ValueError):
+            JobRecord(key="k", kind="train", label="x", status="done", attrs={"dataset": "d", "seed": 0,
+                                                                              "poison_rate": bad})

@@ -151,7 +151,7 @@ def test_any_valid_records_render_in_every_format(recs):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.fixed_dictionaries({
-    "defense": name, "attack": name, "seed": st.integers(0, 2), "rate": floats,
+    "defense": name, "attack": name, "seed": st.integers(0, 2), "rate": st.floats(0, 1),  # what a Cell accepts
     "status": st.sampled_from(["done", "failed"]),
     "metrics": st.dictionaries(st.sampled_from(["clean_acc", "asr", "retune_asr", "lmc_t", "lmc_asr"]), value,
                                max_size=5),
