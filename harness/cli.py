@@ -172,9 +172,7 @@ def cmd_golden(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .submission import export
-
-    n = export(_store(args).records(), args.out)
+    n = _store(args).export_jsonl(args.out)
     print(f"wrote {n} records to {args.out}")
     return 0
 

@@ -30,6 +30,7 @@ import os
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,6 +235,21 @@ def disk_full_error(where: str | Path, detail: str) -> HarnessError:
     return HarnessError(f"the disk holding {where} is full ({detail}): the run stopped and nothing more was "
                         f"marked done; free some space (or rerun into another --workdir) and rerun the same "
                         f"command to resume")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` all or nothing: a temporary file in the same folder, flushed, then renamed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii" if text.isascii() else "utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def jsonl_line(rec: JobRecord) -> str:
@@ -490,22 +506,16 @@ class Store(Records):
 
     def export_jsonl(self, path: str | Path) -> int:
         """Write every readable record to ``path`` as JSONL (:func:`jsonl_line`: one record per line,
-        ASCII-escaped); returns how many. Written to a temporary file first: never half-written."""
+        ASCII-escaped); returns how many. Written all or nothing (:func:`write_atomic`)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        n = 0
+        lines = [jsonl_line(rec) + "\n" for rec in self.records()]
         try:
-            with open(tmp, "w", encoding="ascii") as f:
-                for rec in self.records():
-                    f.write(jsonl_line(rec) + "\n")
-                    n += 1
-            os.replace(tmp, path)
+            write_atomic(path, "".join(lines))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise disk_full_error(path.parent, str(err)) from None
             raise HarnessError(f"cannot write {path} ({err}); pick a writable path") from None
-        return n
+        return len(lines)
 
 
 def _float(value: Any) -> float:

@@ -47,9 +47,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +58,7 @@ from pydantic import ValidationError
 
 from .errors import HarnessError
 from .jobs import Job, job_key
-from .store import SCHEMA_VERSION, JobRecord, Metric, jsonl_line
+from .store import SCHEMA_VERSION, JobRecord, Metric, jsonl_line, write_atomic
 
 if TYPE_CHECKING:
     from .verify import Verification
@@ -91,28 +89,6 @@ def record_line(record: JobRecord) -> str:
     """One record as a JSONL line ending in ``\\n``: :func:`backdoor_harness.store.jsonl_line` (ASCII-escaped
     JSON, so no character that some reader takes for a line break can split it)."""
     return jsonl_line(record) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` all or nothing: a temporary file in the same folder, flushed, then renamed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii" if text.isascii() else "utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def export(records: Iterable[JobRecord], path: str | Path) -> int:
-    """Write records as JSONL (each re-validated, ASCII-escaped); returns how many."""
-    lines = [record_line(JobRecord.model_validate(r.model_dump())) for r in records]
-    write_atomic(Path(path), "".join(lines))
-    return len(lines)
 
 
 #: the oldest record schema :func:`read_records` reads (older records are upgraded, see

@@ -361,8 +361,12 @@ def test_every_unicode_line_separator_in_a_string_survives_add_and_the_leaderboa
 
 def test_export_writes_ascii_escaped_lines(site, tmp_path):
     recs = [r.model_copy(update={"device": f"cpu{SEPARATORS}"}) for r in read_records(site / "run.jsonl")]
+    store = Store(tmp_path / "work")
+    for rec in recs:
+        store.put(rec)
     out = tmp_path / "export.jsonl"
-    assert submission.export(recs, out) == len(recs)
+    assert store.export_jsonl(out) == len(recs)
+    store.close()
     assert out.read_bytes().isascii() and out.read_bytes().count(b"\n") == len(recs)
     assert [r.device for r in read_records(out)] == [f"cpu{SEPARATORS}"] * len(recs)
 
