@@ -136,6 +136,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_show(args) -> int:
+    """One record as JSON: config, versions, timings, metrics and, for an evaluation, ``predictions``
+    (``role:split`` -> its predictions file in the work directory)."""
     store = _store(args)
     found = store.find(args.key)
     if not found:
@@ -189,6 +191,14 @@ def cmd_leaderboard(args) -> int:
         return 0
     if args.verify:
         raise HarnessError("--verify N goes with --add FILE (to re-run a file without adding it: harness verify FILE)")
+    if args.wide and args.long:
+        raise HarnessError("--wide and --long are two forms of the board (a row per defense, or per attack and "
+                           "defense): give one of them")
+    if args.width is not None and args.width < 0:
+        raise HarnessError(f"--width {args.width}: a number of columns, 0 or more (0: never split a board)")
+    if args.explain and args.format not in ("text", "markdown"):
+        raise HarnessError(f"--explain goes with --format text or markdown (not {args.format}): it reads the "
+                           f"board aloud under it")
     sources, verified = None, set()
     if args.records:  # one set of boards per file (e.g. one per published run)
         from .verify import load_verified
@@ -205,7 +215,9 @@ def cmd_leaderboard(args) -> int:
             raise HarnessError(f"--reported {args.reported}: no such file (a YAML list of published numbers; "
                                f"see leaderboard/reported.yaml)")
         reported = load_reported(args.reported)
-    text = render(records, args.format, reported, long=args.long, sources=sources, verified=verified)
+    width = 0 if args.wide else args.width  # None: the format's own (100 columns for text, unsplit markdown)
+    text = render(records, args.format, reported, long=args.long, sources=sources, verified=verified,
+                  width=width, explain=args.explain)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"wrote {args.out}")
@@ -284,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_preflight)
     for name, func, helptext in (("status", cmd_status, "what is done, failed, skipped"),
-                                 ("show", cmd_show, "one job's record"),
+                                 ("show", cmd_show, "one job's record (an evaluation's names the prediction files it "
+                                                            "read: backdoor_harness.predictions.load)"),
                                  ("export", cmd_export, "write a run's records as JSONL (for --add)"),
                                  ("leaderboard", cmd_leaderboard, "render the results, or add a submission")):
         s = sub.add_parser(name, help=helptext)
@@ -296,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--reported", help="published numbers to show beside the measured ones "
                                               "(default: the leaderboard's reported.yaml)")
             s.add_argument("--long", action="store_true", help="text/markdown: a row per (attack, defense) cell")
+            s.add_argument("--width", type=int, metavar="N",
+                           help="text/markdown: fit each board in N columns: a board whose wide table is wider "
+                                "shows one block per attack, then one of averages (the device said once under "
+                                "it when every row ran on the same); text lines wrap at spaces; a number is never "
+                                "cut (0: never split or wrap; default 100 for text, 0 for markdown)")
+            s.add_argument("--wide", action="store_true",
+                           help="text/markdown: each board as one wide table (a row per defense, a column per "
+                                "attack and metric), however wide; the same as --width 0")
+            s.add_argument("--explain", action="store_true",
+                           help="text/markdown: after the boards, what to look at first: per attack, the "
+                                "undefended attack success rate and what each defense leaves of it")
             s.add_argument("--records", nargs="+",
                            help="render these exported JSONL files instead of a workdir (each file its own boards)")
             s.add_argument("--add", metavar="FILE", help="validate an exported run and add it to the published "

@@ -26,6 +26,14 @@ keeps its metrics apart: they are folded as ``<metric>@<label>`` and shown in
 their own columns (``QRA P-ASR [qra_kl]``), never averaged with the entry of
 the same plugin under its plain name.
 
+A text board fits a width (:data:`WIDTH` columns unless told otherwise; a markdown board, meant for
+files, keeps its one wide table unless given a width): when the wide table is wider, the board shows
+one block per attack (the defenses, that attack's metrics, cost and device) and then one of the
+averages, the device said once under the board when every row ran on the same one (:func:`layout`);
+where even those are too wide, the narrowest of them, never cut. Its title, notes and legend are
+wrapped to the width at spaces. :func:`guide` reads a board aloud for a new user: per attack, the
+undefended row's attack success and what each defense leaves of it, from the columns' metadata.
+
 Every text a record brings (labels, devices, reasons, titles, file names) is shown as plain
 text: control characters (ANSI escapes, C0 and C1 controls, bidi overrides) are dropped and line
 breaks become spaces (:func:`plain`) in every format, and the markdown board escapes what
@@ -38,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,16 +400,35 @@ def devices(row: dict, fmt: str = "text") -> str:
     return ", ".join(shown(d, fmt) for d in row["device"]) or DASH
 
 
-def long_table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
+def long_table(board: dict, fmt: str = "text", device: bool = True) -> tuple[list[str], list[list[str]]]:
     """One row per (attack, defense) cell, the metrics as columns (no averages): the board
-    for few defenses and many attacks, e.g. an attack table with only ``none``."""
-    headers = ["attack", "defense"] + [column_title(c, fmt) for c in board["columns"]] + ["cost (s)", "device"]
+    for few defenses and many attacks, e.g. an attack table with only ``none``. ``device``: False
+    leaves out the device column (:func:`layout`, when every row's is the same)."""
+    headers = ["attack", "defense"] + [column_title(c, fmt) for c in board["columns"]] + ["cost (s)"]
+    headers += ["device"] if device else []
     rows = []
     for atk in board["attacks"]:
         for row in board["rows"]:
             rows.append([group_name(board, atk, fmt), row_name(row, fmt)]
                         + [fmt_entry(row["cells"][atk][c.metric], fmt) for c in board["columns"]]
-                        + [fmt_cost(row["cell_cost_s"].get(atk)), devices(row, fmt)])
+                        + [fmt_cost(row["cell_cost_s"].get(atk))] + ([devices(row, fmt)] if device else []))
+    return headers, rows
+
+
+def attack_table(board: dict, which: int, fmt: str = "text", device: bool = True
+                 ) -> tuple[list[str], list[list[str]]]:
+    """One block of a board split per attack: the attack ``board["attacks"][which]`` (its cells'
+    cost), or with ``which == len(board["attacks"])`` the averages over the attacks (the mean cost);
+    a row per defense, the metrics as columns. ``device``: as for :func:`long_table`."""
+    avg = which == len(board["attacks"])
+    headers = ["defense"] + [column_title(c, fmt) for c in board["columns"]] + ["cost (s)"]
+    headers += ["device"] if device else []
+    rows = []
+    for row in board["rows"]:
+        source = row["avg"] if avg else row["cells"][board["attacks"][which]]
+        cost = row["cost_s"] if avg else row["cell_cost_s"].get(board["attacks"][which])
+        rows.append([row_name(row, fmt)] + [fmt_entry(source[c.metric], fmt) for c in board["columns"]]
+                    + [fmt_cost(cost)] + ([devices(row, fmt)] if device else []))
     return headers, rows
 
 
@@ -422,6 +450,154 @@ def table(board: dict, fmt: str = "text") -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+#: the columns a text board fits by default (``harness leaderboard --width``)
+WIDTH = 100
+#: the heading of the block of averages when a board is split per attack
+AVG_HEADING = "avg over the attacks"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One table of a board as a format shows it: its ``heading`` (None: the board's only table,
+    under the board's title), its ``headers`` and ``rows`` of cells (text, as tabulate gets them)."""
+
+    heading: str | None
+    headers: list[str]
+    rows: list[list[str]]
+
+
+def common_device(board: dict) -> list[str] | None:
+    """The devices every row of ``board`` ran on, when they are the same for all (None when not)."""
+    seen = {tuple(row["device"]) for row in board["rows"]}
+    return list(seen.pop()) if len(seen) == 1 else None
+
+
+def per_attack(board: dict, fmt: str = "text", device: bool = True) -> list[Block]:
+    """``board`` split per attack: a block per attack headed by its name (:func:`group_name`), then,
+    with several attacks, the block of averages (:data:`AVG_HEADING`)."""
+    n = len(board["attacks"])
+    blocks = [Block("attack " + group_name(board, atk, fmt), *attack_table(board, i, fmt, device))
+              for i, atk in enumerate(board["attacks"])]
+    if n > 1:
+        blocks.append(Block(AVG_HEADING, *attack_table(board, n, fmt, device)))
+    return blocks
+
+
+def tables(blocks: list[Block], fmt: str = "text") -> str:
+    """The blocks as ``fmt`` shows them: each heading (a markdown sub-heading) above its table."""
+    tablefmt = {"text": "simple", "markdown": "github"}[fmt]
+    parts = []
+    for b in blocks:
+        table_text = tabulate(b.rows, headers=b.headers, tablefmt=tablefmt, disable_numparse=True)
+        if b.heading is None:
+            parts.append(table_text)
+        else:
+            parts.append((f"#### {b.heading}\n\n" if fmt == "markdown" else f"{b.heading}\n") + table_text)
+    return "\n\n".join(parts)
+
+
+def columns_of(text: str) -> int:
+    """The columns ``text`` takes: its longest line."""
+    return max((len(line) for line in text.splitlines()), default=0)
+
+
+def layout(board: dict, fmt: str = "text", width: int = 0, long: bool = False) -> tuple[list[Block], list[str]]:
+    """The tables of ``board`` within ``width`` columns, and the notes that layout adds to the board's.
+
+    ``width`` 0: the one wide table (:func:`table`; :func:`long_table` with ``long``), whatever its
+    width. Otherwise the first of two forms whose lines all fit: that table as it is; then the board
+    per attack (:func:`per_attack`; with ``long``: the long table again), without the device column
+    when every row's is the same (a note says it once). When neither fits, the narrower: never cut.
+    (The long table is no fallback for a block too wide: it has a block's columns and the attack's.)"""
+    if width <= 0:
+        return [Block(None, *(long_table if long else table)(board, fmt))], []
+    common = common_device(board)
+    said = [f"device of every row: {', '.join(common) or DASH}"] if common is not None else []
+    forms: list[tuple[list[Block], list[str]]] = [([Block(None, *(long_table if long else table)(board, fmt))], [])]
+    if long:
+        if common is not None:
+            forms.append(([Block(None, *long_table(board, fmt, device=False))], said))
+    else:
+        forms.append((per_attack(board, fmt, device=common is None), said))
+    widths = [columns_of(tables(blocks, fmt)) for blocks, _ in forms]
+    fits = [n for n, w in enumerate(widths) if w <= width]
+    return forms[fits[0] if fits else widths.index(min(widths))]
+
+
+def wrap(text: str, width: int, indent: str = "") -> str:
+    """``text`` in lines of at most ``width`` columns (0: as it is), broken at spaces only, so no
+    word or number is ever cut (a longer word keeps its own line); later lines indented by ``indent``."""
+    if width <= 0:
+        return text
+    return textwrap.fill(text, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
+def _percent(entry: dict | None) -> str:
+    """A metric's value in a sentence: the number (``%`` when a percentage), else its status or ``not run``."""
+    if entry is None or entry["value"] is None:
+        return (entry or {}).get("status") or "not run"
+    return fmt_value(entry["value"], entry["percent"]) + ("%" if entry["percent"] else "")
+
+
+def guide(data: list[dict], fmt: str = "text", width: int = 0) -> str:
+    """What a new user should look at first, read from the boards themselves: per attack, the
+    undefended (baseline) row's attack success rate and what each other defense leaves of it (it
+    "brings it to" a value at most half the undefended one), with the clean accuracy before and
+    after. The attack success rate is the first column that is a percentage where lower is better,
+    the clean accuracy the first where higher is better (the lowest board position): both known
+    from the metrics' metadata alone. Then two sentences on how to read a board."""
+    lines, asr_titles, acc_titles = [], [], []
+    for board in data:
+        asr = next((c for c in board["columns"] if not c.higher_is_better and c.percent), None)
+        acc = next((c for c in board["columns"] if c.higher_is_better), None)
+        if len(data) > 1:
+            lines.append(f"{title(board, fmt)}:")
+        if asr is None:
+            lines.append("- no column here is a rate where lower is better (an attack success rate) to read")
+            continue
+        asr_title = column_title(asr, fmt)
+        acc_title = column_title(acc, fmt) if acc is not None else None
+        asr_titles.append(asr_title)
+        if acc_title is not None:
+            acc_titles.append(acc_title)
+        base = next((r for r in board["rows"] if r["baseline"]), None)
+        for atk in board["attacks"]:
+            ref = base["cells"][atk][asr.metric] if base is not None else None
+            ref_acc = base["cells"][atk][acc.metric] if base is not None and acc is not None else None
+            if base is not None:
+                said = [f"{group_name(board, atk, fmt)}: undefended {asr_title} {_percent(ref)}"]
+            else:
+                said = [f"{group_name(board, atk, fmt)}: no undefended row to compare with (no defense that "
+                        f"leaves the model as it is ran)"]
+            for row in board["rows"]:
+                if row is base:
+                    continue
+                entry = row["cells"][atk][asr.metric]
+                halved = (entry["value"] is not None and ref is not None and ref["value"] is not None
+                          and entry["value"] <= ref["value"] / 2)
+                if entry["value"] is None:
+                    text = f"{row_name(row, fmt)}: {_percent(entry)}"
+                else:
+                    text = f"{row_name(row, fmt)} {'brings it to' if halved else 'leaves'} {_percent(entry)}"
+                if acc is not None:
+                    after = _percent(row["cells"][atk][acc.metric])
+                    text += f" ({acc_title} {_percent(ref_acc)} -> {after})" if ref_acc is not None else \
+                        f" ({acc_title} {after})"
+                said.append(text)
+            lines.append("- " + "; ".join(said))
+    if not lines:
+        return ""
+    asr_name = " / ".join(dict.fromkeys(asr_titles)) or "attack success rate"
+    acc_name = " / ".join(dict.fromkeys(acc_titles))
+    keeps = f" while its {acc_name} stays near the undefended row's" if acc_name else ""
+    closing = (f"A defense works when its {asr_name} falls to near the level of a model never trained on poisoned "
+               f"data{keeps}. A row marked (oracle) knows the real trigger, so it shows what is possible rather "
+               f"than what a defender could do.")
+    head = "What to look at first:"
+    body = [wrap(line, width, "  ") for line in lines]
+    return "\n".join([head] + body) + "\n\n" + wrap(closing, width)
+
+
 #: marks a value that ``harness verify`` re-ran here and found within tolerance
 VERIFIED_MARK = "\u2713"
 LEGEND = ("best value of a column among the defenses marked {best} (the undefended row and oracle rows, which "
@@ -440,12 +616,15 @@ def verified_legend(data: list[dict]) -> str:
 
 def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] | None = None,
            long: bool = False, sources: list[str] | None = None,
-           verified: set[str] | frozenset[str] = frozenset()) -> str:
+           verified: set[str] | frozenset[str] = frozenset(), width: int | None = None,
+           explain: bool = False) -> str:
     """Render records as ``text``, ``markdown``, ``html`` (one self-contained page) or ``json``
     (the cells of :func:`collect`). ``reported`` defaults to the numbers shipped in ``reported.yaml``;
     ``long``: text and markdown boards with a row per (attack, defense) (:func:`long_table`);
     ``sources``: each record's source name, boards kept apart per name (see :func:`boards`);
-    ``verified``: evaluate keys re-run and matched by ``harness verify`` (their cells are marked)."""
+    ``verified``: evaluate keys re-run and matched by ``harness verify`` (their cells are marked);
+    ``width``: the columns text and markdown boards fit (:func:`layout`; 0: the one wide table; None:
+    :data:`WIDTH` for text, 0 for markdown); ``explain``: text and markdown end with :func:`guide`."""
     records = list(records)
     if fmt == "json":  # strict JSON: a number that is not finite is written as what it is, a string
         return json.dumps(_finite([c.model_dump(mode="json") for c in collect(records, sources)]), indent=2,
@@ -456,19 +635,24 @@ def render(records: Iterable[Any], fmt: str = "text", reported: Iterable[dict] |
         from .html import page
 
         return page(data, records)
-    tablefmt = {"text": "simple", "markdown": "github"}[fmt]
+    if width is None:
+        width = WIDTH if fmt == "text" else 0
+    prose = width if fmt == "text" else 0  # markdown reflows its own paragraphs
     parts = []
     for board in data:
-        headers, rows = (long_table if long else table)(board, fmt)
-        heading = f"### {title(board, fmt)}" if fmt == "markdown" else title(board, fmt)
-        part = heading + "\n\n" + tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
-        if board["notes"]:
-            part += "\n\n" + "\n".join(f"- {shown(n, fmt)}" for n in board["notes"])
+        blocks, said = layout(board, fmt, width, long)
+        heading = f"### {title(board, fmt)}" if fmt == "markdown" else wrap(title(board, fmt), prose, "  ")
+        part = heading + "\n\n" + tables(blocks, fmt)
+        notes = said + board["notes"]
+        if notes:
+            part += "\n\n" + "\n".join(wrap(f"- {shown(n, fmt)}", prose, "  ") for n in notes)
         parts.append(part)
     if not parts:
         return "(no evaluation results yet)"
     legend = LEGEND.format(best="**bold**" if fmt == "markdown" else "with *", verified=verified_legend(data))
-    return "\n\n".join(parts) + "\n\n" + legend
+    out = "\n\n".join(parts) + "\n\n" + wrap(legend, prose)
+    reading = guide(data, fmt, prose) if explain else ""
+    return out + "\n\n" + reading if reading else out
 
 
 def _finite(data: Any) -> Any:

@@ -74,8 +74,13 @@ def test_text_board_is_plain_lines_without_escape_sequences(long):
     body = lines[rule + 1:lines.index("", rule)]
     assert len(body) == 3  # one line per defense (per attack and defense when long): nothing split a row
     assert any("a|b" in line for line in body) and any(" ft " in f" {line} " for line in body)
-    assert "ValueError: bad | x | y | # not a heading red [y](http://evil2)" in out
     assert "[x](http://evil) | forged | row |" in out
+    # the failed cell's reason: one note line in the wide form; by default wrapped at spaces to 100 columns
+    note = ("- ft / <script>alert(1)</script> / asr: failed: ValueError: bad | x | y | # not a heading red "
+            "[y](http://evil2)")
+    assert note in render(hostile_records(), "text", reported=[], long=long, width=0).splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("- ft / "))
+    assert " ".join(line.strip() for line in lines[start:start + 2]) == note and len(lines[start]) <= 100
 
 
 def test_html_page_escapes_text_in_elements_and_attributes():
