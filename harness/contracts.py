@@ -247,13 +247,16 @@ class Attack(Plugin):
     def poison_test(self, test: ImageSet) -> ImageSet:
         """The poisoned test set: eligible images stamped, labelled with their target.
 
-        ``meta["true_labels"]`` keeps the original labels (for robust accuracy).
+        ``meta["true_labels"]`` keeps the original labels (for robust accuracy), and
+        ``meta["index"]`` (int64) each image's index in ``test``: the kept predictions of an
+        evaluation (:mod:`backdoor_harness.predictions`) name their images by it. An attack that
+        overrides this method should set both.
         """
         keep = self.test_mask(test.labels, test.num_classes)
         images = self.apply_trigger(test.images[keep], train=False)
         true = test.labels[keep]
         return ImageSet(images, self.target_labels(true, test.num_classes), test.classes,
-                        meta={"true_labels": true})
+                        meta={"true_labels": true, "index": keep.nonzero().flatten()})
 
     # -- generated resources and learned state -----------------------------------
 
@@ -428,13 +431,19 @@ class EvalContext:
         backdoored: the attacked model (eval mode, on ``device``).
         purified: the defended model.
         clean_test: the clean test set.
-        poisoned_test: the attack's poisoned test set (``meta["true_labels"]``).
+        poisoned_test: the attack's poisoned test set (``meta["true_labels"]``;
+            ``meta["index"]``: each image's index in ``clean_test``).
         attack: the attack.
         device: where to compute.
-        predict: ``predict(role, split) -> int64 predictions``, memoized per
-            model and split so that several evaluators share one forward pass.
-            ``role`` is ``"backdoored"``, ``"purified"`` or ``"clean"``;
-            ``split`` is ``"clean"`` or ``"poisoned"``.
+        predict: ``predict(role, split) -> int64 predictions``, one per image of the
+            split, in its order. ``role`` is ``"backdoored"``, ``"purified"`` or
+            ``"clean"`` (the clean reference model: evaluators that set
+            ``needs_clean_model``); ``split`` is ``"clean"`` or ``"poisoned"``.
+            Computed once per (model checkpoint, test images, trigger) and kept in the
+            work directory (:mod:`backdoor_harness.predictions`), so every evaluator of
+            every cell and every later run that needs the same predictions shares one
+            forward pass; the evaluation's record names the files it read. Each call
+            returns a fresh tensor (changing it changes nothing else).
         clean_model: the clean reference model, when the evaluator asked for it.
         defended: name -> the same attacked model purified by another defense,
             for each defense the evaluator asked for in ``needs_defenses``.

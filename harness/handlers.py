@@ -4,7 +4,10 @@ in this process and returns its record; it never writes the store (the scheduler
 - prepare: the attack generates its resources (its ``state_dict``, saved as the job's artifact);
 - train: a model on the cell's data set, poisoned by the attack (or clean);
 - purify: the defense's :class:`~backdoor_harness.contracts.Purified` model and report;
-- evaluate: the evaluator's metrics, each declared in its ``metrics``.
+- evaluate: the evaluator's metrics, each declared in its ``metrics``; the predictions it reads
+  (``EvalContext.predict``) come from the work directory's prediction store
+  (:mod:`backdoor_harness.predictions`: computed once per model checkpoint, test images and trigger,
+  whichever job or process needs them first), and its record names the files it read.
 
 A plugin that breaks its contract (a defense returning something else than
 ``Purified``, or changing the model it was given; an evaluator returning an
@@ -36,9 +39,10 @@ from .errors import HarnessError
 from .jobs import EvaluateJob, Job, PrepareJob, PurifyJob, TrainJob
 from .models import (Normalized, channel_stats, create_model, load_attack_state, load_checkpoint, model_family,
                      save_checkpoint)
+from .predictions import SPLITS, PredictionStore
 from .registry import create, instance
 from .store import JobRecord, Records, job_record, now, sha256_file
-from .train import Recipe, default_device, fit, predict
+from .train import Recipe, default_device, fit
 
 
 class Skip(Exception):
@@ -161,10 +165,18 @@ class JobRunner:
         self._data: dict[str, tuple[ImageSet, ImageSet]] = {}
         self._models: dict[str, Normalized] = {}
         self._attacks: dict[tuple[str, bool], Any] = {}
-        self._preds: dict[tuple[str, str, str], torch.Tensor] = {}
         self._poisoned_tests: dict[str, ImageSet] = {}
+        self._predictions: PredictionStore | None = None
+        self._read: dict[str, str] = {}  # "role:split" -> predictions file the running evaluation read
 
     # -- shared state ----------------------------------------------------------
+
+    @property
+    def predictions(self) -> PredictionStore:
+        """The work directory's predictions (made on first use: a runner may have no store)."""
+        if self._predictions is None:
+            self._predictions = PredictionStore(self.store.workdir)
+        return self._predictions
 
     def data(self, spec: dict) -> tuple[ImageSet, ImageSet]:
         key = json.dumps(spec, sort_keys=True)
@@ -297,6 +309,9 @@ class JobRunner:
         if _param_fingerprint(backdoored) != before:
             raise HarnessError(f"defense {defense.name!r} modified the model it was given; "
                                f"it must copy it (copy.deepcopy) before changing weights")
+        if getattr(defense, "baseline", False) and _param_fingerprint(out.model) != before:
+            raise HarnessError(f"defense {defense.name!r} declares baseline = True (it returns the model as it is) "
+                               f"but returned other weights; a defense that changes the model is not a baseline")
         metrics: dict[str, Any] = {"reserve_size": len(reserve)}
         if out.report:
             metrics["report"] = _plain(out.report)
@@ -313,17 +328,32 @@ class JobRunner:
             self._poisoned_tests = {train_job.key: attack.poison_test(test)}  # jobs come grouped by attack
         poisoned_test = self._poisoned_tests[train_job.key]
         roles = {"backdoored": job.train, "purified": job.purified}
+        # a baseline defense's model is the attacked one (run_purify checks its weights): one set of predictions
+        baseline = self.jobs[job.purified].plugin
+        model_of = {**roles, "purified": job.train if baseline is not None and baseline.baseline else job.purified}
         if job.clean:
-            roles["clean"] = job.clean
-        splits = {"clean": test, "poisoned": poisoned_test}
+            roles["clean"] = model_of["clean"] = job.clean
+        clean_split, poisoned_split = SPLITS
+        splits = {clean_split: test, poisoned_split: poisoned_test}
+        index = {clean_split: torch.arange(len(test)),
+                 poisoned_split: poisoned_test.meta.get("index", torch.full((len(poisoned_test),), -1))}
+        # what fixes the trigger: the attacked model's job, and the checkpoints the attack's state comes from
+        sources = [k for k in (train_job.prepare, train_job.key) if k]
+        trigger = {"train": train_job.key, "state_sha256": [self.store.get(k).artifact_sha256 for k in sources]}
 
         def predict_fn(role: str, split: str) -> torch.Tensor:
-            memo = (roles[role], split, train_job.key)
-            if memo not in self._preds:
-                if len(self._preds) > 64:
-                    self._preds.clear()
-                self._preds[memo] = predict(self.model(roles[role]), splits[split].images, self.device)
-            return self._preds[memo]
+            if role not in roles or split not in splits:
+                known = sorted(roles) + (["clean (declare needs_clean_model)"] if "clean" not in roles else [])
+                raise HarnessError(f"evaluator {evaluator.name!r} asked for predict({role!r}, {split!r}); the roles "
+                                   f"are {', '.join(known)} and the splits {', '.join(SPLITS)}")
+            key = model_of[role]
+            pred, path = self.predictions.get(
+                model_key=key, model_sha256=self.store.get(key).artifact_sha256, images=train_job.data, split=split,
+                trigger=trigger if split == poisoned_split else None, index=index[split],
+                num_classes=test.num_classes, model=partial(self.model, key), inputs=splits[split].images,
+                device=self.device)
+            self._read[f"{role}:{split}"] = path
+            return pred
 
         train, _ = self.data(train_job.data)
         ctx = EvalContext(backdoored=self.model(job.train), purified=self.model(job.purified),
@@ -340,6 +370,7 @@ class JobRunner:
         """Run one job; its artifact is on disk when this returns. The record is the caller's to store."""
         rec = job_record(job, "running", device=device_name(self.device))
         t0 = time.perf_counter()
+        self._read = {}
         try:
             metrics, model, *state = getattr(self, f"run_{job.kind}")(job)
             attack_state = state[0] if state else None
@@ -357,5 +388,6 @@ class JobRunner:
             rec.status = "failed"
             rec.error = (traceback.format_exc() + f"SystemExit({exc.code!r}) raised inside the job: a plugin must "
                          f"not call sys.exit() or exit(); raise an exception instead")
+        rec.predictions = dict(sorted(self._read.items()))
         rec.finished, rec.wall_s = now(), time.perf_counter() - t0
         return rec

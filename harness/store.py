@@ -152,6 +152,10 @@ class JobRecord(BaseModel):
     artifact_sha256: str | None = None
     plugin: PluginInfo | None = None
     metric_info: dict[str, Metric] = Field(default_factory=dict)
+    predictions: dict[str, str] = Field(default_factory=dict, description=(
+        "An evaluation's per-example predictions: 'role:split' (e.g. 'purified:poisoned') -> the file it read, "
+        "relative to the work directory (predictions/<id>.safetensors: class indices and test-set indices, "
+        "see backdoor_harness.predictions). Empty for other jobs and for records written before it existed."))
 
 
 def job_record(job: Any, status: Status, **fields: Any) -> JobRecord:
@@ -165,7 +169,7 @@ def job_record(job: Any, status: Status, **fields: Any) -> JobRecord:
 
 
 _COLUMNS = list(JobRecord.model_fields)
-_JSON = {"attrs", "config", "versions", "deps", "metrics", "plugin", "metric_info"}
+_JSON = {"attrs", "config", "versions", "deps", "metrics", "plugin", "metric_info", "predictions"}
 
 
 def sha256_file(path: Path) -> str:
@@ -238,10 +242,19 @@ def disk_full_error(where: str | Path, detail: str) -> HarnessError:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` all or nothing: a temporary file in the same folder, flushed, then renamed."""
+    """Write ``path`` all or nothing: a temporary file in the same folder, flushed, then renamed.
+    The file keeps the mode it had, or gets what a plain ``open`` would give it (0666 less the umask),
+    not the 0600 of the temporary file."""
     path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="ascii" if text.isascii() else "utf-8") as f:
             f.write(text)
             f.flush()

@@ -30,7 +30,10 @@ Its results
     (:attr:`EvaluateJob.metrics`), each a finite number (a curve: a list of
     them; never a string, a bool or null) inside the metric's declared
     ``range``; ``artifact`` is null or ``artifacts/<key>.safetensors`` (never
-    a path elsewhere), ``artifact_sha256`` null or 64 hex digits.
+    a path elsewhere), ``artifact_sha256`` null or 64 hex digits; an
+    evaluation's ``predictions`` map ``role:split`` names to
+    ``predictions/<id>.safetensors`` (never a path elsewhere), and other
+    jobs have none.
 Across records
     no key twice in the file; a key already published only with an identical
     record (then it is not added again); every upstream job (``deps``) is in
@@ -75,6 +78,9 @@ MAX_DEPTH = 32
 #: the file accepted records are appended to, in the published records folder
 SUBMISSIONS = "submissions.jsonl"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: what an evaluate record's ``predictions`` map: ``role:split`` -> ``predictions/<id>.safetensors``
+_PREDICTION_NAME = re.compile(r"[a-z][a-z0-9_]*:[a-z][a-z0-9_]*")
+_PREDICTION_PATH = re.compile(r"predictions/[0-9a-f]{24}\.safetensors")
 
 
 def record_schema() -> dict:
@@ -347,6 +353,13 @@ def record_problems(r: JobRecord, jobs: dict[str, Job]) -> list[str]:
                         f"artifacts/{r.key}.safetensors (the path `harness export` writes)")
     if r.artifact_sha256 is not None and not _SHA256.fullmatch(r.artifact_sha256):
         problems.append(f"artifact_sha256 '{text_of(r.artifact_sha256, 80)}' is not 64 lowercase hex digits")
+    if r.predictions and job.kind != "evaluate":
+        problems.append(f"predictions {_short(r.predictions)}: only an evaluation reads predictions")
+    for name, rel in r.predictions.items():
+        if not _PREDICTION_NAME.fullmatch(name) or not _PREDICTION_PATH.fullmatch(rel):
+            problems.append(f"predictions '{text_of(name, 40)}': '{text_of(rel)}': an evaluation's predictions map "
+                            f"role:split to predictions/<24 hex digits>.safetensors (the paths `harness run` "
+                            f"records)")
     if job.kind == "evaluate":
         if r.status == "done" and not r.metrics:
             problems.append("a finished evaluation with no metrics")

@@ -435,14 +435,16 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     return {"images_per_s": epochs_run * n / wall, "wall_s": wall, "final_loss": final}
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
-    """Predicted classes (int64, CPU) of uint8 images, in eval mode."""
+    """Predicted classes (int64, CPU) of uint8 images, in eval mode, without autograd
+    (``torch.inference_mode``; the tensor returned is an ordinary one, usable anywhere)."""
     cuda = device.type == "cuda"
     model.to(device).eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        xb = to_float(to_device(images[i:i + batch_size], device), cuda)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out.append(model(xb).argmax(1))
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            xb = to_float(to_device(images[i:i + batch_size], device), cuda)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out.append(model(xb).argmax(1))
+    # concatenated outside inference mode: a normal tensor, not an inference tensor
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.int64)

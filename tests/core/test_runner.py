@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -73,10 +74,24 @@ class NoModel(bh.Defense):
         return bh.Purified(None)
 
 
+class FalseBaseline(bh.Defense):
+    name = "test_false_baseline"
+    version = "1"
+    summary = "declares baseline = True (the model as it is) but changes the weights"
+    paper = "-"
+    baseline = True
+
+    def purify(self, model, ctx):
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            next(model.parameters()).mul_(0.5)
+        return bh.Purified(model)
+
+
 @pytest.fixture
 def plugins():
     registry.register(types.SimpleNamespace(harness_defenses=bh.hookimpl(
-        lambda: [Explodes, VitOnly, Reports, BareModel, NoModel])),
+        lambda: [Explodes, VitOnly, Reports, BareModel, NoModel, FalseBaseline])),
                       name="test-runner-defenses")
     yield
     registry.reset()
@@ -234,14 +249,16 @@ def test_a_defense_report_is_stored_in_its_purify_record(tmp_path, plugins):
 
 @pytest.mark.integration
 def test_a_defense_that_breaks_the_purify_contract_fails_its_cell(tmp_path, plugins):
-    counts = run_matrix(spec(defenses=["test_bare_model", "test_no_model"], evaluators=["clean_acc"]), tmp_path,
-                        progress=False, log=lambda *a: None)
-    assert counts["failed"] == 2 and counts["blocked"] == 2 and counts["done"] == 1  # the train job only
+    counts = run_matrix(spec(defenses=["test_bare_model", "test_no_model", "test_false_baseline"],
+                             evaluators=["clean_acc"]), tmp_path, progress=False, log=lambda *a: None)
+    assert counts["failed"] == 3 and counts["blocked"] == 3 and counts["done"] == 1  # the train job only
     store = Store(tmp_path)
     errors = {r.attrs.defense: r.error for r in store.records("purify")}
     store.close()
     assert "returned Normalized; purify() must return Purified(model, report)" in errors["test_bare_model"]
     assert "returned Purified with a NoneType as its model" in errors["test_no_model"]
+    # a baseline's rows read the attacked model's predictions: one that changes the weights is refused
+    assert "declares baseline = True" in errors["test_false_baseline"]
 
 
 # -- plugin outputs are checked before a job is marked done (issue 18, item 7) ------------------------------

@@ -320,3 +320,24 @@ def test_a_full_disk_writing_a_checkpoint_stops_the_run(tmp_path, monkeypatch):
     assert store.claims() == {}
     store.close()
     assert not list((tmp_path / "artifacts").glob("*.tmp*"))  # the checkpoint's temporary file is gone too
+
+
+def test_an_atomic_write_gives_the_file_the_mode_a_plain_write_would(tmp_path):
+    """Not the 0600 of the temporary file: a new file gets 0666 less the umask, a rewritten one keeps its mode."""
+    import os
+    import stat
+
+    from backdoor_harness.store import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        new = tmp_path / "new.jsonl"
+        write_atomic(new, "a\n")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644 and new.read_text() == "a\n"
+        kept = tmp_path / "kept.md"
+        kept.write_text("x")
+        kept.chmod(0o640)
+        write_atomic(kept, "y")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "y"
+    finally:
+        os.umask(umask)
