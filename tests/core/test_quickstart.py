@@ -1,8 +1,9 @@
 """Integration: the quickstart matrix on real CIFAR-10 shows the phenomenon.
 
 Asserts the shape of the result, not exact values: the undefended models are
-backdoored (ASR >= 80%), exact purification removes it (ASR <= 20%), and
-clean accuracy is well above chance (10%).
+backdoored (ASR >= 80%), plain fine-tuning leaves the backdoor (ASR >= 60%),
+exact purification removes it (ASR <= 20%), and clean accuracy is well above
+chance (10%).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def test_quickstart_phenomenon(quickstart, attack):
     none, ep, ft = quickstart[(attack, "none")], quickstart[(attack, "ep")], quickstart[(attack, "ft")]
     assert none["asr"] >= 0.80
     assert ep["asr"] <= 0.20
+    assert ft["asr"] >= 0.60  # plain fine-tuning on the reserve leaves the backdoor in place
     for cell in (none, ep, ft):
         assert cell["clean_acc"] >= 0.35
         assert set(cell) == {"clean_acc", "asr", "robust_acc", "der"}
