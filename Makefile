@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench leaderboard clean device-bundle
+.PHONY: quickstart test bench leaderboard readme-tables clean device-bundle
 
 $(BASE): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(STAMP)
 leaderboard: $(STAMP)
 	$(BIN)/harness leaderboard --records leaderboard/records/*.jsonl --format html --out leaderboard/index.html
 	$(BIN)/harness leaderboard --records leaderboard/records/*.jsonl --format markdown --out leaderboard/LEADERBOARD.md
+
+# The README's measured tables and timings, regenerated from the record files their markers cite
+# (`make test` fails while they disagree: tests/leaderboard/test_readme.py). The quickstart's clock and
+# records come from scripts/time-quickstart (a fresh clone, minutes), run before this.
+readme-tables: $(STAMP)
+	$(BIN)/python scripts/readme-tables README.md
 
 # Timing benchmarks (benchmarks/, not part of `make test`): compared with the latest stored
 # baseline of this machine and device (benchmarks/baselines/), saved as one when there is none.

