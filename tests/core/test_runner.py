@@ -358,3 +358,13 @@ def test_a_cells_poison_rate_is_a_finite_rate():
         with pytest.raises(ValueError):
             JobRecord(key="k", kind="train", label="x", status="done", attrs={"dataset": "d", "seed": 0,
                                                                               "poison_rate": bad})
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    """`harness leaderboard | head`: the reader goes away; no traceback, the exit status of a broken pipe."""
+    run_matrix(spec(defenses=["none"]), tmp_path, progress=False, log=lambda *a: None)
+    proc = subprocess.Popen([sys.executable, "-m", "backdoor_harness.cli", "leaderboard", "--workdir", str(tmp_path),
+                             "--wide"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # nobody reads
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err, err
