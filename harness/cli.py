@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -148,6 +149,20 @@ def cmd_show(args) -> int:
     return 0
 
 
+def golden_command(args) -> str:
+    """The command line that regenerates a golden file as ``args`` wrote it: its arguments as given
+    (from the same folder), the options that choose where and how the runs go, and the CPU thread
+    count when ``OMP_NUM_THREADS`` set it (CPU numbers depend on it)."""
+    words = ["harness", "golden", args.spec, "--seeds", *map(str, args.seeds), "--out", args.out]
+    for flag, value in (("--workdir", args.workdir), ("--device", args.device)):
+        if value is not None:
+            words += [flag, value]
+    if args.workers != 1:
+        words += ["--workers", str(args.workers)]
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (f"OMP_NUM_THREADS={shlex.quote(threads)} " if threads else "") + shlex.join(words)
+
+
 def cmd_golden(args) -> int:
     from .golden import make_golden, write_golden
     from .matrix import load_matrix
@@ -155,9 +170,11 @@ def cmd_golden(args) -> int:
     from .scheduler import run_matrix
     from .store import Store
 
+    if args.workers < 1:
+        raise HarnessError(f"--workers {args.workers}: workers must be at least 1")
     spec = load_matrix(args.spec).model_copy(update={"seeds": args.seeds})
     workdir = _workdir(args, spec)
-    counts = run_matrix(spec, workdir, device=args.device, progress=not args.no_progress)
+    counts = run_matrix(spec, workdir, device=args.device, progress=not args.no_progress, workers=args.workers)
     if counts["failed"] or counts["blocked"]:
         raise HarnessError(f"some cells did not finish (see `harness status --workdir {workdir}`); "
                            f"golden values need every seed's run; fix and rerun the same command")
@@ -167,8 +184,7 @@ def cmd_golden(args) -> int:
     finally:
         store.close()
     runs = {seed: collect(r for r in records if r.attrs.seed == seed) for seed in args.seeds}
-    command = f"harness golden {args.spec} --seeds {' '.join(map(str, args.seeds))} --out {args.out}"
-    write_golden(make_golden(runs, spec, command), args.out)
+    write_golden(make_golden(runs, spec, golden_command(args)), args.out)
     print(f"wrote {args.out} ({len(args.seeds)} seeds)")
     return 0
 
@@ -277,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="default 0 1 2 3 4")
     s.add_argument("--out", required=True, help="the golden file to write (YAML)")
     s.add_argument("--workdir", help="where the runs go (default runs/<matrix name>)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes (default 1: jobs run in this process); the seeds' jobs run side by side")
     s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--no-progress", action="store_true", help="no progress meter")
     s.set_defaults(func=cmd_golden)

@@ -12,9 +12,14 @@ third-party plugin packages alike, gets:
   once per test session;
 - the fixture ``harness_golden``: ``harness_golden(path)`` runs a golden
   file's matrix for seed 0 and fails with one line per check that does not
-  hold (see :mod:`backdoor_harness.golden`).
+  hold, saying which kind failed (see :mod:`backdoor_harness.golden`): a
+  defended cell is checked ``paired`` (its value minus the undefended row's
+  of the same seed, so the matrix must keep its baseline defense, e.g.
+  ``none``), and ``absolute`` where that bound is the tighter one.
 
-Write a golden file with ``harness golden SPEC --seeds 0 1 2 3 4 --out PATH``.
+Write a golden file with ``harness golden SPEC --seeds 0 1 2 3 4 --out PATH``
+(``--workers N`` runs the seeds' jobs side by side); it records the command
+that regenerates it.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ What is re-run
 Tolerance per metric
     A re-run of the same seed differs from the claim only by floating-point nondeterminism (another
     device, another library build), which perturbs training as a change of seed does at most. So a
-    metric may differ by the seed-to-seed spread a golden file measured for that very job (its
-    check's ``delta``, when the job's key is in a golden file's matrix at a measured seed), and at
+    metric may differ by the seed-to-seed spread a golden file measured for that very job's value (its
+    absolute check's ``delta``, or the spread of its paired check's per-seed values added to its
+    baseline's, when the job's key is in a golden file's matrix at a measured seed), and at
     least by :data:`~backdoor_harness.golden.MIN_DELTA` (0.01: one point of a rate), the floor
     golden checks use. A metric that is not a rate (``percent: false``: a count, a loss, an
     interpolation coefficient) gets that floor relative to its size: ``MIN_DELTA * max(1, |claim|)``.
@@ -166,16 +167,19 @@ def upstream_closure(keys: list[str], jobs: dict[str, Job]) -> list[Job]:
 
 
 def golden_deltas(paths: list[Path], keys: set[str], log: Callable[[str], Any] = print) -> dict[str, dict[str, float]]:
-    """Evaluate key -> metric -> the golden ``delta`` measured for that job, from the golden files
-    ``paths`` (their matrices expanded at each measured seed). A file that cannot be read is skipped
+    """Evaluate key -> metric -> the seed-to-seed spread of the value a golden file measured for that
+    job (:func:`~backdoor_harness.golden.value_spreads`: an absolute check's ``delta``, or the spread
+    a paired check's values give back with its baseline's), from the golden files ``paths`` (their
+    matrices expanded at each measured seed). A file that cannot be read is skipped
     with a note: its jobs then get the floor tolerance, never a looser one."""
-    from .golden import golden_spec, load_golden
+    from .golden import golden_spec, load_golden, value_spreads
     from .matrix import expand
 
     out: dict[str, dict[str, float]] = {}
     for path in paths:
         try:
             doc = load_golden(path)
+            spreads = value_spreads(doc)
             for seed in doc.get("seeds_measured") or []:
                 for job in expand(golden_spec(doc, seed)):
                     if job.key not in keys or not isinstance(job, EvaluateJob):
@@ -183,12 +187,10 @@ def golden_deltas(paths: list[Path], keys: set[str], log: Callable[[str], Any] =
                     cell = job.cell
                     folded = (lambda m: m) if cell.evaluator == job.evaluator.name else (
                         lambda m, label=cell.evaluator: f"{m}@{label}")
-                    for check in doc["checks"]:
-                        if (check["dataset"], check["model"], check["attack"], check["defense"]) == (
-                                cell.dataset, cell.model, cell.attack, cell.defense):
-                            for m in job.metrics:
-                                if check["metric"] == folded(m):
-                                    out.setdefault(job.key, {})[m] = float(check["delta"])
+                    for m in job.metrics:
+                        spread = spreads.get((cell.dataset, cell.model, cell.attack, cell.defense, folded(m)))
+                        if spread is not None:
+                            out.setdefault(job.key, {})[m] = spread
         except (HarnessError, KeyError, TypeError, ValueError) as err:
             log(f"golden file {path} not used for tolerances ({str(err).splitlines()[0]})")
     return out

@@ -130,6 +130,34 @@ def test_golden_deltas_apply_to_the_very_jobs_a_golden_file_measured(tmp_path):
     doc = load_golden(path)
     job = next(j for j in expand(golden_spec(doc, doc["seeds_measured"][1])) if j.kind == "evaluate")
     check = next(c for c in doc["checks"] if (c["dataset"], c["model"], c["attack"], c["defense"]) == (
-        job.cell.dataset, job.cell.model, job.cell.attack, job.cell.defense) and c["metric"] in job.metrics)
+        job.cell.dataset, job.cell.model, job.cell.attack, job.cell.defense) and c["metric"] in job.metrics
+        and c.get("kind", "absolute") == "absolute")
     deltas = golden_deltas([path], {job.key, "0" * 24}, log=lambda *_: None)
     assert deltas[job.key][check["metric"]] == check["delta"] and "0" * 24 not in deltas
+
+
+def test_a_cell_checked_only_paired_gets_the_spread_of_its_own_values(tmp_path):
+    """A paired check's delta is the spread of a difference; a re-run is allowed the spread of the value itself,
+    rebuilt seed by seed from the paired values and the baseline's."""
+    import yaml
+
+    from backdoor_harness.golden import golden_spec, load_golden
+    from backdoor_harness.matrix import expand
+    from backdoor_harness.verify import golden_deltas
+
+    from helpers import ROOT
+
+    doc = load_golden(ROOT / "tests" / "golden" / "tiny.yaml")
+    doc["seeds_measured"] = [0, 1, 2]
+    where = {"dataset": "cifar10", "model": "tiny_cnn", "attack": "badnets", "metric": "clean_acc",
+             "direction": "min"}
+    doc["checks"] = [{**where, "defense": "none", "kind": "absolute", "ref": 0.49, "delta": 0.06,
+                      "values": [0.5, 0.46, 0.52]},
+                     {**where, "defense": "ep", "kind": "paired", "baseline": "none", "ref": -0.0167, "delta": 0.01,
+                      "values": [-0.02, -0.02, -0.01]}]
+    path = tmp_path / "paired.yaml"
+    path.write_text(yaml.safe_dump({**doc, "format": 2}))
+    job = next(j for j in expand(golden_spec(doc, 1)) if j.kind == "evaluate" and j.cell.defense == "ep"
+               and "clean_acc" in j.metrics)
+    deltas = golden_deltas([path], {job.key}, log=lambda *_: None)
+    assert deltas[job.key]["clean_acc"] == pytest.approx(0.07)  # 0.48, 0.44, 0.51; not the paired 0.01
