@@ -246,8 +246,13 @@ def test_there_are_golden_files():
     assert GOLDEN, "tests/golden/ holds no golden files"
 
 
+def _golden_param(path):
+    """A golden file named *-slow.yaml runs only with --runslow (its matrix is too heavy for make test)."""
+    return pytest.param(path, id=path.stem, marks=[pytest.mark.slow] if path.stem.endswith("-slow") else [])
+
+
 @pytest.mark.golden
-@pytest.mark.parametrize("path", GOLDEN, ids=[p.stem for p in GOLDEN])
+@pytest.mark.parametrize("path", [_golden_param(p) for p in GOLDEN])
 def test_golden_numbers_hold(harness_golden, path):
     cells = harness_golden(path)
     assert cells  # and every check held (harness_golden fails otherwise)
