@@ -25,8 +25,9 @@ quickstart: $(BASE)
 
 # One torch thread: the tests' tiny models run many times faster single-threaded
 # (measured: tests/plugins/defenses/test_defense_pam.py 13 s vs 93 s with 2 threads on the 2-core dev box).
+# -n 2 --dist loadfile (pytest-xdist): two pytest processes, one per core of the 2-core box, each test file on one of them.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The published leaderboard: one page and one markdown table from leaderboard/records/*.jsonl
 leaderboard: $(STAMP)

@@ -52,22 +52,30 @@ def _spec(spec: Any):
 
 @pytest.fixture(scope="session")
 def harness_matrix(tmp_path_factory) -> Callable[[Any], list[ResultCell]]:
-    """``run(spec) -> cells``: run a matrix once per session and return its result cells."""
+    """``run(spec) -> cells``: run a matrix once per session and return its result cells.
+
+    Every matrix of a session runs in one work directory, so a job two matrices share (the same
+    key: e.g. the attacked model of several golden matrices at one scale) runs once; each call
+    returns the cells of its own matrix's jobs only."""
+    from .matrix import expand
     from .results import collect
     from .scheduler import run_matrix
     from .store import Store
 
     done: dict[str, list[ResultCell]] = {}
+    workdir: list[Path] = []
 
     def run(spec: Any) -> list[ResultCell]:
         spec = _spec(spec)
         digest = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
         if digest not in done:
-            workdir = tmp_path_factory.mktemp(f"matrix-{digest}")
-            run_matrix(spec, workdir, progress=False, log=lambda *a, **k: None)
-            store = Store(workdir)
+            if not workdir:
+                workdir.append(tmp_path_factory.mktemp("harness-matrices"))
+            run_matrix(spec, workdir[0], progress=False, log=lambda *a, **k: None)
+            keys = {job.key for job in expand(spec)}
+            store = Store(workdir[0])
             try:
-                done[digest] = collect(store.records())
+                done[digest] = collect(r for r in store.records() if r.key in keys)
             finally:
                 store.close()
         return done[digest]

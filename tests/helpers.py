@@ -175,3 +175,17 @@ defenses: [none, ft]
 evaluators: [clean_acc, asr]
 recipe: cpu-quick
 """
+
+
+def tiny_matrix(name: str) -> str:
+    """A tiny two-row matrix (BadNets; none and a one-epoch FT; C-Acc and ASR) named ``name``, as YAML:
+    what the submission and README tests run and publish."""
+    return f"""\
+name: {name}
+datasets: [{{name: cifar10, train_per_class: 20, test_per_class: 10}}]
+models: [{{name: tiny_cnn, kwargs: {{width: 8}}}}]
+attacks: [{{name: badnets, config: {{stamp: after_augment}}}}]
+defenses: [none, {{name: ft, config: {{epochs: 1}}}}]
+evaluators: [clean_acc, asr]
+recipe: {{base: cpu-quick, epochs: 1}}
+"""

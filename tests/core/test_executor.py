@@ -181,7 +181,8 @@ def harness_defenses():
 '''
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # about 70 s (a local cluster started, a node lost, a new one joined): `make test` keeps
+@pytest.mark.integration  # the Ray executor's equality test above; --runslow adds this one
 def test_ray_reruns_the_job_of_a_lost_node(tmp_path, monkeypatch):
     """A real node loss: a local Ray cluster of a head (no CPUs) and one worker node; while the
     actor on that node runs a job, the node's processes are killed and a new node joins. Ray

@@ -22,18 +22,10 @@ from backdoor_harness.jobs import job_key
 from backdoor_harness.store import SCHEMA_VERSION, JobRecord, Store, job_record
 from backdoor_harness.submission import add_submission, published_jobs, read_records, record_schema
 
-from helpers import ROOT, fresh_board, published_site
+from helpers import ROOT, fresh_board, published_site, tiny_matrix
 
 
-MATRIX = """\
-name: submission-test
-datasets: [{name: cifar10, train_per_class: 20, test_per_class: 10}]
-models: [{name: tiny_cnn, kwargs: {width: 8}}]
-attacks: [{name: badnets, config: {stamp: after_augment}}]
-defenses: [none, {name: ft, config: {epochs: 1}}]
-evaluators: [clean_acc, asr]
-recipe: {base: cpu-quick, epochs: 1}
-"""
+MATRIX = tiny_matrix("submission-test")
 #: every character some reader takes for a line break (str.splitlines does for all of them)
 SEPARATORS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 

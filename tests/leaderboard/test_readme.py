@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, write_matrix
+from helpers import ROOT, tiny_matrix, write_matrix
 
 from backdoor_harness import cli
 from backdoor_harness import readme
@@ -22,15 +22,7 @@ from backdoor_harness.store import jsonl_line, job_record
 README = ROOT / "README.md"
 SECTION = "## Measured results"
 
-MATRIX = """\
-name: readme-test
-datasets: [{name: cifar10, train_per_class: 20, test_per_class: 10}]
-models: [{name: tiny_cnn, kwargs: {width: 8}}]
-attacks: [{name: badnets, config: {stamp: after_augment}}]
-defenses: [none, {name: ft, config: {epochs: 1}}]
-evaluators: [clean_acc, asr]
-recipe: {base: cpu-quick, epochs: 1}
-"""
+MATRIX = tiny_matrix("readme-test")
 #: 2026-11-22 10:00 UTC, the synthetic jobs' first finish
 T0 = 1795341600.0
 WALL = {"train": 30.0, "purify": 4.0, "evaluate": 2.0}
