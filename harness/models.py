@@ -14,7 +14,6 @@ Every model is wrapped by :class:`Normalized`, so models take float images in
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.models import register_model
 
 from .errors import HarnessError
+from .store import atomic_file
 
 # --------------------------------------------------------------------------
 # Models registered into timm
@@ -454,19 +454,15 @@ ATTACK_PREFIX = "attack::"
 
 def save_checkpoint(model: nn.Module | None, path: Path, attack_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write the model's state dict (and an attack's state under ``attack::``)
-    atomically (temp file + rename): never half-written."""
+    atomically (:func:`~backdoor_harness.store.atomic_file`): never half-written, and no temporary
+    file left behind by a full disk or an interrupt."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     state = {} if model is None else dict(model.state_dict())
     state.update({ATTACK_PREFIX + k: v for k, v in (attack_state or {}).items()})
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: no half-written file left behind
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read(path: Path, attack: bool) -> dict[str, torch.Tensor]:

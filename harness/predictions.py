@@ -53,7 +53,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -63,7 +62,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 from .errors import HarnessError
-from .store import JobRecord, Store, disk_full_error
+from .store import JobRecord, Store, atomic_file, disk_full_error
 from .train import predict
 
 #: the folder of a work directory that holds the predictions
@@ -257,23 +256,11 @@ class PredictionStore:
         small = pred.to(pred_dtype(num_classes)).contiguous()
         index = index.contiguous()
         meta = {**meta, "format": FORMAT, "sha256": _digest(index, small), "harness_version": __version__}
-        path = self.path(ident)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)
-            os.close(fd)
+            with atomic_file(self.path(ident)) as tmp:
+                save_file({"index": index, "pred": small}, str(tmp), metadata=meta)
         except OSError as err:
             raise _os_error(err, self.folder) from None
-        try:
-            save_file({"index": index, "pred": small}, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
-            raise _os_error(err, self.folder) from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 def _json(value: Any) -> str:

@@ -241,28 +241,46 @@ def disk_full_error(where: str | Path, detail: str) -> HarnessError:
                         f"command to resume")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` all or nothing: a temporary file in the same folder, flushed, then renamed.
-    The file keeps the mode it had, or gets what a plain ``open`` would give it (0666 less the umask),
-    not the 0600 of the temporary file."""
+def _process_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+#: read once, at import (setting it to read it is not safe while other threads create files)
+_UMASK = _process_umask()
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Write ``path`` all or nothing: the caller writes the temporary file this yields (in the same
+    folder); on success it is flushed to disk and renamed over ``path``, on any failure removed.
+    The file keeps the mode it had, or gets what a plain ``open`` would give it (0666 less the
+    umask), not the 0600 of the temporary file. What writes checkpoints, predictions and text files."""
     path = Path(path)
     try:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="ascii" if text.isascii() else "utf-8") as f:
-            f.write(text)
-            f.flush()
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write the text file ``path`` all or nothing (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="ascii" if text.isascii() else "utf-8")
 
 
 def jsonl_line(rec: JobRecord) -> str:
