@@ -11,7 +11,8 @@ kind, its ``payload`` (what it runs with: plugin names and configs, data,
 model, recipe, seed), its upstream keys (``deps``, in the role order above)
 and the versions of everything it runs, so a changed value anywhere re-runs
 exactly the jobs downstream of it. Each job also carries what its records
-say about it: the cell (:class:`~backdoor_harness.store.Cell`), the plugin it
+say about it: the cell (:class:`~backdoor_harness.store.Cell`), its upstream
+keys by role (``upstream``, what readers of records use), the plugin it
 runs (:class:`~backdoor_harness.store.PluginInfo`) and, for an evaluation,
 its metrics' metadata.
 """

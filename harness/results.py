@@ -8,7 +8,8 @@ evaluations, the defense's cost, and what the cell ran with (:class:`Setup`). Ev
 reader needs comes from the records: the plugin facts of the train, purify and evaluate records
 (``JobRecord.plugin``: the attack's ``substitute``, the defense's ``oracle`` and ``baseline``,
 each plugin's effective config) and the metric metadata of the evaluate records
-(``JobRecord.metric_info``: title, direction, percent, board position, one-sidedness).
+(``JobRecord.metric_info``: title, direction, percent, board position, one-sidedness). A cell
+finds its train and purify records by the roles its evaluations name (:func:`upstream_of`).
 
 Records written before these facts were recorded (schema 1, e.g. the published leaderboard's)
 lack them; :func:`upgrade` fills them from the installed plugins, the only source there is for
@@ -28,6 +29,20 @@ from .store import SCHEMA_VERSION, JobRecord, Metric, PluginInfo
 
 #: the plugin kind a job of each kind runs, under that key of its config
 PLUGIN_OF_JOB = {"train": "attack", "prepare": "attack", "purify": "defense", "evaluate": "evaluator"}
+#: the roles of the first upstream keys (``deps``) of a record of each kind, for records that do not
+#: name them (``JobRecord.upstream`` is empty in records written before it existed); an evaluation's
+#: later keys (its clean model, other defenses' models) are not told apart by position and stay unnamed
+POSITIONAL_ROLES = {"prepare": ("clean",), "train": ("prepare",), "purify": ("train",),
+                    "evaluate": ("train", "purified")}
+
+
+def upstream_of(rec: JobRecord) -> dict[str, str]:
+    """Role -> key of a record's upstream jobs (``train``, ``purified``, ``prepare``, ``clean`` ...): the
+    record's own ``upstream``, or for a record that does not name them, its ``deps`` read by position
+    (:data:`POSITIONAL_ROLES`)."""
+    if rec.upstream:
+        return dict(rec.upstream)
+    return dict(zip(POSITIONAL_ROLES.get(rec.kind, ()), rec.deps))
 
 
 # ---------------------------------------------------------------- schema-1 records
@@ -103,7 +118,8 @@ def _poison_rate(rec: JobRecord, plugin: PluginInfo | None, upstream: Mapping[st
             except ValueError:
                 return None
         return _number(rate)
-    train = upstream.get(rec.deps[0]) if rec.deps else None
+    key = upstream_of(rec).get("train")
+    train = upstream.get(key) if key is not None else None
     if train is None or train.kind != "train":
         return None
     return (train if train.schema_version >= SCHEMA_VERSION else upgrade(train)).attrs.poison_rate
@@ -305,7 +321,8 @@ def collect(records: Iterable[JobRecord | Mapping[str, Any]], sources: list[str]
             costs[(source, a.dataset, a.model, a.attack, a.defense)].append((rec.wall_s or 0.0, rec.device or "?"))
         if rec.kind != "evaluate":
             continue
-        train, purify = (by_key.get(rec.deps[i]) if len(rec.deps) > i else None for i in (0, 1))
+        roles = upstream_of(rec)
+        train, purify = (by_key.get(roles[role]) if role in roles else None for role in ("train", "purified"))
         revision = train.versions.get("model") if train is not None else None
         # two revisions of one architecture never share a cell
         key = (source, a.dataset, a.model, a.poison_rate, a.attack, a.defense, revision)

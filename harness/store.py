@@ -41,7 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import HarnessError
 
 #: 2: records carry the cell (typed ``attrs``), the plugin's facts (``plugin``) and the evaluator's
-#: metric metadata (``metric_info``); schema-1 records get them from :func:`backdoor_harness.results.upgrade`
+#: metric metadata (``metric_info``); schema-1 records get them from :func:`backdoor_harness.results.upgrade`.
+#: Optional fields added since (``predictions``, ``upstream``) default to empty and keep the version: a
+#: record without them reads as one written before they existed (no fact is taken from the installed plugins).
 SCHEMA_VERSION = 2
 
 Status = Literal["running", "done", "failed", "skipped", "blocked"]
@@ -141,6 +143,11 @@ class JobRecord(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     deps: list[str] = Field(default_factory=list)
+    upstream: dict[str, str] = Field(default_factory=dict, description=(
+        "Role -> key of each upstream job (the keys of deps, named, in their order): a prepare job's 'clean' "
+        "model; a train job's 'prepare'; a purify job's 'train'; an evaluation's 'train', 'purified', 'clean' and "
+        "'defended:<defense>'. Empty in records written before it existed: readers then take deps by position "
+        "(backdoor_harness.results.upstream_of)."))
     metrics: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
     started: float | None = None
@@ -160,16 +167,18 @@ class JobRecord(BaseModel):
 
 def job_record(job: Any, status: Status, **fields: Any) -> JobRecord:
     """A record of ``job`` (a typed job of :mod:`backdoor_harness.jobs`) started now: its cell,
-    config, versions, upstream keys, plugin and metric metadata, and the harness version."""
+    config, versions, upstream keys (``deps``, and by role ``upstream``), plugin and metric metadata, and
+    the harness version."""
     from . import __version__
 
     return JobRecord(key=job.key, kind=job.kind, label=job.label, status=status, attrs=job.cell,
-                     config=job.payload, versions=job.versions, deps=job.deps, started=time.time(),
-                     harness_version=__version__, plugin=job.plugin, metric_info=job.metric_info, **fields)
+                     config=job.payload, versions=job.versions, deps=job.deps, upstream=job.upstream,
+                     started=time.time(), harness_version=__version__, plugin=job.plugin,
+                     metric_info=job.metric_info, **fields)
 
 
 _COLUMNS = list(JobRecord.model_fields)
-_JSON = {"attrs", "config", "versions", "deps", "metrics", "plugin", "metric_info", "predictions"}
+_JSON = {"attrs", "config", "versions", "deps", "upstream", "metrics", "plugin", "metric_info", "predictions"}
 
 
 def sha256_file(path: Path) -> str:

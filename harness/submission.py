@@ -24,7 +24,9 @@ Against the job it names
     published matrix (``leaderboard/published.yaml``, expanded by the
     installed harness); the record's kind, label, cell (``attrs``: data set,
     model, attack, poison rate, defense, evaluator, seed), config, versions,
-    deps, plugin facts and metric metadata are that job's.
+    deps, plugin facts and metric metadata are that job's, and so are its
+    upstream jobs by role (``upstream``) when it names them (records written
+    before the field existed leave it empty: their ``deps`` carry the keys).
 Its results
     an evaluation's metrics are the ones its evaluator declares
     (:attr:`EvaluateJob.metrics`), each a finite number (a curve: a list of
@@ -338,7 +340,10 @@ def record_problems(r: JobRecord, jobs: dict[str, Job]) -> list[str]:
                         f"({computed}): {', '.join(edited) or 'its fields'} differ from the published job "
                         f"{job.label!r}; export the run again, unedited")
     for field, mine, theirs in (("label", r.label, job.label), ("attrs", r.attrs, job.cell),
-                                ("plugin", r.plugin, job.plugin), ("metric_info", r.metric_info, job.metric_info)):
+                                ("plugin", r.plugin, job.plugin), ("metric_info", r.metric_info, job.metric_info),
+                                ("upstream", r.upstream, job.upstream)):
+        if field == "upstream" and not mine:
+            continue  # not named (a record written before the field existed): its deps are checked above
         if _json(mine) != _json(theirs):
             problems.append(f"{field} {_short(mine)} is not the published job's {_short(theirs)} "
                             f"({job.label}); export the run again with the installed harness")

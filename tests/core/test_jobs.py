@@ -11,6 +11,8 @@ import torch
 
 from backdoor_harness import registry
 from backdoor_harness.matrix import MatrixSpec, expand
+from backdoor_harness.results import upstream_of
+from backdoor_harness.store import job_record
 
 BASE = {"datasets": [{"name": "cifar10", "train_per_class": 10}], "models": ["tiny_cnn"],
         "attacks": ["badnets"], "defenses": ["none", "ft"], "evaluators": ["clean_acc", "asr"],
@@ -30,6 +32,34 @@ def test_dag_shape_and_order():
         assert set(job.deps) <= seen, f"{job.label} runs before its upstream"
         seen.add(job.key)
     assert len(seen) == len(jobs)
+
+
+#: the kind of job behind each upstream role
+ROLE_KINDS = {"clean": "train", "prepare": "prepare", "train": "train", "purified": "purify", "defended": "purify"}
+
+
+def test_records_name_their_upstream_jobs_by_role():
+    """Every role a job has (LC's prepare job its clean model, QRA its clean model and its reference
+    defense) is in its record by name: the keys of deps, in their order; read by position (records
+    written before roles were recorded), the first keys get the same roles."""
+    jobs = {j.key: j for j in expand(MatrixSpec.model_validate({
+        **BASE, "attacks": ["badnets", "lc"], "defenses": ["none", "ep"],
+        "evaluators": ["asr", {"name": "qra", "config": {"reference": "ep"}}]}))}
+    seen = set()
+    for job in jobs.values():
+        rec = job_record(job, "done")
+        assert rec.upstream == job.upstream and list(rec.upstream.values()) == rec.deps == job.deps
+        assert upstream_of(rec) == rec.upstream
+        assert upstream_of(rec.model_copy(update={"upstream": {}})).items() <= rec.upstream.items()
+        for role, key in rec.upstream.items():
+            kind, _, name = role.partition(":")
+            up = jobs[key]
+            assert up.kind == ROLE_KINDS[kind], (job.label, role, up.label)
+            assert up.cell.role == {"clean": "clean", "train": "attacked"}.get(kind, up.cell.role)
+            assert not name or up.defense.name == name
+            seen.add((job.kind, kind))
+    assert seen == {("prepare", "clean"), ("train", "prepare"), ("purify", "train"), ("evaluate", "train"),
+                    ("evaluate", "purified"), ("evaluate", "clean"), ("evaluate", "defended")}
 
 
 def test_keys_are_stable_across_processes():

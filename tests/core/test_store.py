@@ -107,6 +107,32 @@ def test_export_jsonl_is_ascii_and_no_line_separator_splits_a_record(tmp_path):
         assert JobRecord.model_validate(back[f"k{i}"]).error == text
 
 
+# -- a store written before a field existed ------------------------------------------------------
+
+
+def test_a_store_written_before_records_named_their_upstream_reads_them_by_position(tmp_path):
+    """A store whose table has no ``upstream`` column (written before records named roles): read
+    read-only, its records have none (results read their deps by position); opened to write, the
+    column is added and new records keep their roles."""
+    from backdoor_harness.results import upstream_of
+
+    store = Store(tmp_path)
+    store.put(record("e1", deps=["t", "p"], upstream={"train": "t", "purified": "p"}))
+    store.db.execute("ALTER TABLE jobs DROP COLUMN upstream")  # as an older harness wrote it
+    store.close()
+    for readonly in (True, False):
+        store = Store(tmp_path, readonly=readonly)
+        old = store.get("e1")
+        assert old.deps == ["t", "p"] and old.upstream == {}
+        assert upstream_of(old) == {"train": "t", "purified": "p"}
+        store.close()
+    store = Store(tmp_path)
+    store.put(record("e2", deps=["t", "p", "c"], upstream={"train": "t", "purified": "p", "clean": "c"}))
+    assert store.get("e2").upstream == {"train": "t", "purified": "p", "clean": "c"}
+    assert store.get("e1").upstream == {}
+    store.close()
+
+
 # -- one bad row ---------------------------------------------------------------------------------
 
 

@@ -261,6 +261,31 @@ def test_emptied_deps_are_refused(board, tmp_path):
         write(tmp_path / "s.jsonl", [rekeyed(evaluate, deps=[])]), board)
 
 
+def test_records_name_their_upstream_by_role_and_a_forged_role_is_refused(board, tmp_path):
+    records = forge(board)
+    evaluate = evaluate_of(records)
+    jobs, _ = published_jobs(board)
+    assert evaluate["upstream"] == jobs[evaluate["key"]].upstream and list(evaluate["upstream"].values()) == \
+        evaluate["deps"]
+    train, purified = evaluate["upstream"]["train"], evaluate["upstream"]["purified"]
+    cases = [{"train": purified, "purified": train},  # the roles swapped: the attacked model read as purified
+             {"train": train},  # one role left out
+             {"train": train, "purified": "f" * 24}]  # a key of no job
+    for upstream in cases:
+        forged = [r if r is not evaluate else {**evaluate, "upstream": upstream} for r in records]
+        text = refused(write(tmp_path / "s.jsonl", forged), board)
+        assert "upstream " in text and "is not the published job's" in text, (upstream, text)
+
+
+def test_records_that_do_not_name_their_upstream_are_accepted(board, tmp_path):
+    """Exported before records named roles (the field absent, or empty): deps carry the keys."""
+    records = forge(board)
+    absent = [{k: v for k, v in r.items() if k != "upstream"} for r in records]
+    path = write(tmp_path / "s.jsonl", absent[: len(absent) // 2] + [{**r, "upstream": {}}
+                                                                      for r in absent[len(absent) // 2:]])
+    assert add_submission(path, board)[:2] == (len(records), 0)
+
+
 def test_upstream_records_must_be_submitted_or_published(board, tmp_path):
     records = forge(board)
     evaluate = evaluate_of(records)
