@@ -60,14 +60,19 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from .matrix import load_matrix
     from .scheduler import run_matrix
+    from .train import compile_mode
 
     spec = load_matrix(args.spec)
     if args.workers < 1 or args.retries < 0:
         raise HarnessError(f"--workers {args.workers} --retries {args.retries}: workers must be at least 1 and "
                            f"retries at least 0")
     devices = args.devices.split(",") if args.devices else None
-    if args.compile:
-        os.environ["HARNESS_COMPILE"] = "1"  # workers and Ray actors inherit it
+    if args.compile is not None:
+        mode = compile_mode(args.compile)  # a bad mode stops here, before any job
+        # workers and Ray actors inherit it; the default mode as "1", the value HARNESS_COMPILE always had
+        os.environ["HARNESS_COMPILE"] = {None: "0", "default": "1"}.get(mode, mode)
+    else:
+        compile_mode(os.environ.get("HARNESS_COMPILE"))  # a bad HARNESS_COMPILE: the same message, at once
     workdir = _workdir(args, spec)
     counts = run_matrix(spec, workdir, device=args.device, progress=not args.no_progress,
                         workers=args.workers, devices=devices, retries=args.retries, executor=args.executor,
@@ -285,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local (this process, or --workers processes) or ray (pip install backdoor-harness[ray])")
     s.add_argument("--address", help="with --executor ray: the cluster to join (auto: the running one)")
-    s.add_argument("--compile", action="store_true",
-                   help="train through torch.compile (sets HARNESS_COMPILE=1; worth it on GPUs, see benchmarks/)")
+    s.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="train through torch.compile in MODE: default (without MODE), reduce-overhead, "
+                        "max-autotune or max-autotune-no-cudagraphs (sets HARNESS_COMPILE=MODE, which workers "
+                        "and Ray actors inherit; worth it on GPUs, see benchmarks/); after SPEC, or as --compile=MODE")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("golden", help="measure a matrix over several seeds and write golden numbers")
     s.add_argument("spec")

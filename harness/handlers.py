@@ -42,7 +42,7 @@ from .models import (Normalized, channel_stats, create_model, load_attack_state,
 from .predictions import SPLITS, PredictionStore
 from .registry import create, instance
 from .store import JobRecord, Records, job_record, now, sha256_file
-from .train import Recipe, default_device, fit
+from .train import Recipe, compile_mode, default_device, fit
 
 
 class Skip(Exception):
@@ -153,15 +153,17 @@ class JobRunner:
         jobs: every job of the matrix, by key (upstream jobs are looked up here).
         device: where to compute.
         progress: show a progress meter while training.
-        compile: train through ``torch.compile`` (``harness run --compile``, i.e. ``HARNESS_COMPILE=1``).
+        compile: train through ``torch.compile``: False/None, True or a mode of
+            :data:`~backdoor_harness.train.COMPILE_MODES`; by default from ``HARNESS_COMPILE``
+            (``harness run --compile [MODE]``: ``1`` is the default mode).
     """
 
     def __init__(self, store: Records, jobs: dict[str, Job], device: torch.device | None = None,
-                 progress: bool = True, compile: bool | None = None):
+                 progress: bool = True, compile: bool | str | None = None):
         self.store, self.jobs = store, jobs
         self.device = device if device is not None else default_device()
         self.progress = progress
-        self.compile = os.environ.get("HARNESS_COMPILE") == "1" if compile is None else compile
+        self.compile = compile_mode(os.environ.get("HARNESS_COMPILE")) if compile is None else compile
         self._data: dict[str, tuple[ImageSet, ImageSet]] = {}
         self._models: dict[str, Normalized] = {}
         self._attacks: dict[tuple[str, bool], Any] = {}

@@ -62,6 +62,13 @@ class Recipe(BaseModel):
         sam_adaptive: ASAM's scale-invariant ascent (Kwon et al., ICML 2021;
             e = rho T^2 g / ||T g||, T = |w| + 0.01), the SAM variant whose
             radii are in paper 002's 1.0-3.0 range; ``false`` is plain SAM.
+        lr_scale: scale ``lr`` with the batch size: ``lr`` is then the rate at
+            ``lr_ref_batch`` images per step, and training uses
+            :attr:`effective_lr`: ``lr * batch_size / lr_ref_batch`` with
+            ``linear`` (the linear scaling rule of Goyal et al., 2017),
+            ``lr * sqrt(batch_size / lr_ref_batch)`` with ``sqrt``. ``None``
+            (default): ``lr`` as given, whatever the batch size.
+        lr_ref_batch: with ``lr_scale``, the batch size ``lr`` is meant for.
     """
 
     #: every number finite: an infinite or NaN lr, weight decay, ... is refused when the matrix is read
@@ -81,6 +88,15 @@ class Recipe(BaseModel):
     hflip: bool | None = None
     sam_rho: float = Field(default=0.0, ge=0)
     sam_adaptive: bool = True
+    lr_scale: Literal["linear", "sqrt"] | None = None
+    lr_ref_batch: int = Field(default=128, gt=0)
+
+    @property
+    def effective_lr(self) -> float:
+        """The learning rate training starts from (the peak of ``triangle``): ``lr``, scaled
+        to ``batch_size`` when ``lr_scale`` is set (see the class docstring)."""
+        ratio = self.batch_size / self.lr_ref_batch
+        return {None: self.lr, "linear": self.lr * ratio, "sqrt": self.lr * math.sqrt(ratio)}[self.lr_scale]
 
     @classmethod
     def tuning(cls, config: Any, **overrides: Any) -> "Recipe":
@@ -112,8 +128,9 @@ class Recipe(BaseModel):
     def payload(self) -> dict:
         """What enters a job key: fields added after CORE_VERSION 2 only when they differ
         from their defaults (``warmup`` only with ``triangle``; ``crop_padding`` and
-        ``hflip`` only when set), so existing results keep their keys. A data set's own
-        augmentation enters its jobs' keys through the data set plugin's ``version``."""
+        ``hflip`` only when set; ``lr_scale`` and ``lr_ref_batch`` only with ``lr_scale``),
+        so existing results keep their keys. A data set's own augmentation enters its jobs'
+        keys through the data set plugin's ``version``."""
         out = self.model_dump()
         if not self.sam_rho:
             out.pop("sam_rho"), out.pop("sam_adaptive")
@@ -125,6 +142,8 @@ class Recipe(BaseModel):
         for name in ("crop_padding", "hflip"):
             if out[name] is None:
                 out.pop(name)
+        if self.lr_scale is None:
+            out.pop("lr_scale"), out.pop("lr_ref_batch")
         return out
 
     def augmentation_for(self, dataset: Augmentation | None) -> Augmentation | None:
@@ -166,6 +185,30 @@ def resolve_recipe(value: Any) -> Recipe:
         base = resolve_recipe(value.pop("base", "backdoorbench"))
         return Recipe(**{**base.model_dump(), **value})
     raise HarnessError(f"a recipe is a name ({', '.join(RECIPES)}) or a mapping, got {value!r}")
+
+
+#: the ``torch.compile`` modes ``fit`` takes (``harness run --compile MODE``, ``HARNESS_COMPILE=MODE``)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: str | bool | None) -> str | None:
+    """The ``torch.compile`` mode a setting names, ``None`` for no compilation.
+
+    ``None``, ``False``, ``""`` and ``"0"``: off; ``True`` and ``"1"``: ``"default"``; a name
+    of :data:`COMPILE_MODES`: that mode. It reads ``harness run --compile [MODE]`` and the
+    ``HARNESS_COMPILE`` environment variable that passes it on to workers and Ray actors.
+
+    Raises:
+        HarnessError: anything else, naming the modes.
+    """
+    if value is None or value is False or value in ("", "0"):
+        return None
+    if value is True or value == "1":
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise HarnessError(f"unknown torch.compile mode {value!r} (harness run --compile MODE, HARNESS_COMPILE=MODE); "
+                       f"modes: {', '.join(COMPILE_MODES)}; 1 means default, 0 or nothing means off")
 
 
 def default_device() -> torch.device:
@@ -307,7 +350,7 @@ EpochCallback = Callable[[int, float], "bool | None"]
 def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, device: torch.device,
         generator: torch.Generator, loss_fn: LossFn | None = None, desc: str = "train",
         progress: bool = True, after_step: Callable[[nn.Module], None] | None = None,
-        compile: bool = False, augmentation: Augmentation | None = None,
+        compile: bool | str = False, augmentation: Augmentation | None = None,
         on_epoch: EpochCallback | None = None) -> dict[str, float]:
     """Train ``model`` in place on ``data`` with ``recipe``.
 
@@ -316,8 +359,9 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         data: clean images (``ImageSet``) or an attacker's ``PoisonedSet``;
             with ``stamp="after_augment"`` the trigger is stamped onto the
             poisoned samples of every augmented batch.
-        recipe: optimizer, schedule, and whether and how to augment: its
-            ``crop_padding`` / ``hflip`` override the data set's augmentation.
+        recipe: optimizer (at ``recipe.effective_lr``: ``lr`` scaled to the batch
+            size when the recipe says so), schedule, and whether and how to augment:
+            its ``crop_padding`` / ``hflip`` override the data set's augmentation.
         device: where to train; data is moved there once.
         generator: seeded CPU generator: shuffling and augmentation.
         loss_fn: replaces cross-entropy (training-controlled attacks,
@@ -326,8 +370,11 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
         after_step: called with the model after every optimizer step
             (projections, masks), under ``torch.no_grad``.
         compile: run the forward pass through ``torch.compile`` (the plain
-            cross-entropy step only: not with ``loss_fn`` or SAM). Compiled
-            code is cached per model class and input shape in the process.
+            cross-entropy step only: not with ``loss_fn`` or SAM): ``True`` or a
+            mode of :data:`COMPILE_MODES` (see :func:`compile_mode`; ``True`` is
+            ``"default"``; ``reduce-overhead`` and ``max-autotune`` add CUDA
+            graphs). Compiled code is cached per model class and input shape in
+            the process.
         augmentation: the data set's augmentation (the runner passes the one of
             the cell's data set); default: ``data.augmentation`` when ``data``
             carries one (an ``ImageSet`` loaded from a source, or a subset of
@@ -348,11 +395,16 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
 
     Returns:
         ``{"images_per_s", "wall_s", "final_loss"}`` (over the epochs run, fewer than the
-        recipe's when ``on_epoch`` stopped training); the model is left in eval mode.
+        recipe's when ``on_epoch`` stopped training), and on CUDA ``peak_mem_mib``: the
+        peak of memory allocated by torch on the device while it trained (MiB, an int;
+        the allocator's peak is reset when training starts); the model is left in eval mode.
     """
+    mode = compile_mode(compile)
     if len(data.labels) == 0:
         raise HarnessError(f"{desc}: the training set is empty")
     cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
@@ -364,13 +416,16 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     n, bs = len(labels), recipe.batch_size
     steps = math.ceil(n / bs)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                          nesterov=recipe.nesterov and recipe.momentum > 0, **({"fused": True} if cuda else {}))
+    opt = torch.optim.SGD(params, lr=recipe.effective_lr, momentum=recipe.momentum,
+                          weight_decay=recipe.weight_decay, nesterov=recipe.nesterov and recipe.momentum > 0,
+                          **({"fused": True} if cuda else {}))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
              if recipe.schedule == "cosine" else None)
     per_step = (torch.optim.lr_scheduler.LambdaLR(opt, lambda t: recipe.lr_factor(t, recipe.epochs * steps))
                 if recipe.schedule == "triangle" else None)
-    forward = torch.compile(model) if compile and loss_fn is None and not recipe.sam_rho else model
+    compiled = mode is not None and loss_fn is None and not recipe.sam_rho
+    forward = torch.compile(model, mode=mode) if compiled else model
+    graphs = compiled and mode in ("reduce-overhead", "max-autotune")  # CUDA graphs: one step is one replay
     bar = _Progress(desc, recipe.epochs * n, progress)
     t0 = time.perf_counter()
     loss = torch.zeros((), device=device)
@@ -397,6 +452,8 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
                 xb[at] = stamp_fn(xb[at])
             xf = to_float(xb, cuda)
             info = StepInfo(epoch, epoch * steps + i, num_classes, generator)
+            if graphs:  # a new step: the graphs' outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
 
             def step_loss() -> torch.Tensor:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -432,7 +489,10 @@ def fit(model: nn.Module, data: ImageSet | PoisonedSet, recipe: Recipe, *, devic
     final = float(loss.detach())
     if not math.isfinite(final):
         raise HarnessError(f"{desc}: training diverged (loss {final}); lower the recipe's lr")
-    return {"images_per_s": epochs_run * n / wall, "wall_s": wall, "final_loss": final}
+    out = {"images_per_s": epochs_run * n / wall, "wall_s": wall, "final_loss": final}
+    if cuda:
+        out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    return out
 
 
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:

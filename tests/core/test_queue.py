@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import shlex
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from backdoor_harness.cli import main as harness
 from backdoor_harness.errors import HarnessError
 from backdoor_harness.gpu_queue import GpuQueue, QueueItem, check_queue, load_queue, plan, sub_matrix
 from backdoor_harness.matrix import expand, load_matrix
+from backdoor_harness.train import RECIPES, compile_mode, resolve_recipe
 
 from helpers import ROOT
 
@@ -51,6 +54,48 @@ def test_every_queued_item_fits_one_call_and_says_how_it_was_estimated():
             "configs/backdoorbench-cifar10-preact18-e20.yaml", "configs/paper003-spc-e20.yaml",
             "configs/card-backbones.yaml"} <= configs
     assert any(i.startswith("bench-trainer") for i in ids) and any(i.startswith("fast-recipe") for i in ids)
+    assert {"bench-grid-preact18", "bench-compile-modes", "fast-recipe-check-preact18",
+            "fast-recipe-check-resnet18"} <= ids
+    commands = " ".join(c for i in queue.items for c in i.commands)
+    assert "benchmarks/grid.py --k 1 2 4 8" in commands and "fast_recipe.py --model resnet18" in commands
+    assert "configs/fast-recipe-check.yaml" in configs
+
+
+def test_the_benchmark_items_come_before_the_paper_items():
+    items = load_queue(QUEUE).items
+    bench = [n for n, i in enumerate(items) if i.commands or i.id.startswith(("bench-", "fast-recipe"))]
+    assert bench and max(bench) < min(set(range(len(items))) - set(bench))
+
+
+def test_the_queue_s_benchmark_commands_parse(monkeypatch):
+    """Each `python3 benchmarks/X.py ...` of the queue, parsed by that script's own parser (nothing runs):
+    a mistyped option or compile mode would otherwise cost a GPU call to find."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    seen = set()
+    for item in load_queue(QUEUE).items:
+        for command in item.commands:
+            words = shlex.split(command)
+            words = words[:words.index("|")] if "|" in words else words
+            assert words[0] == "python3" and words[1].startswith("benchmarks/"), command
+            script = words[1].removeprefix("benchmarks/").removesuffix(".py")
+            args = importlib.import_module(script).build_parser().parse_args(words[2:])
+            for mode in args.compile if isinstance(args.compile, list) else [args.compile]:
+                compile_mode(mode)  # a bad mode raises
+            seen.add(script)
+    assert seen == {"trainer", "fast_recipe", "grid"}
+
+
+def test_the_fast_recipe_check_runs_the_search_s_candidate_recipe(monkeypatch):
+    """configs/fast-recipe-check.yaml trains at fast_recipe.py's recipe at 15 epochs (same job keys); it is a
+    candidate: `fast` is named in RECIPES only after a GPU measurement, and the config then uses it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import fast_recipe
+
+    spec = load_matrix(ROOT / "configs/fast-recipe-check.yaml")
+    args = fast_recipe.build_parser().parse_args(["--epochs", "15"])
+    assert spec.recipe == resolve_recipe(fast_recipe.recipe(args, 15, 512)) or "fast" in RECIPES
+    assert spec.recipe.effective_lr == pytest.approx(0.4)
+    assert {d.name for d in spec.defenses} == {"none", "ft", "ep"} and "retune" in {e.name for e in spec.evaluators}
 
 
 @pytest.mark.parametrize("change, message", [
