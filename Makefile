@@ -34,8 +34,9 @@ leaderboard: $(STAMP)
 	$(BIN)/harness leaderboard --records leaderboard/records/*.jsonl --format html --out leaderboard/index.html
 	$(BIN)/harness leaderboard --records leaderboard/records/*.jsonl --format markdown --out leaderboard/LEADERBOARD.md
 
-# The README's measured tables and timings, regenerated from the record files their markers cite
-# (`make test` fails while they disagree: tests/leaderboard/test_readme.py). The quickstart's clock and
+# The README's measured tables and timings and its GPU queue table, regenerated from the files their markers
+# cite (`make test` fails while they disagree: tests/leaderboard/test_readme.py); the generator is
+# backdoor_harness.leaderboard.readme, run by the script with the core's file readers. The quickstart's clock and
 # records come from scripts/time-quickstart (a fresh clone, minutes), run before this.
 readme-tables: $(STAMP)
 	$(BIN)/python scripts/readme-tables README.md

@@ -11,6 +11,8 @@ and tables went, with the date and the device.
 
     python -m backdoor_harness.gpu_queue check [--queue FILE]      # validate the file and every config it names
     python -m backdoor_harness.gpu_queue plan --kind h200 ...       # the items as JSON (used by scripts/device-run)
+    python -m backdoor_harness.gpu_queue mark-done ID --summary summary.json --readme SECTION
+                                                                    # after a run: the item done, with its results
 
 A sub-matrix keeps the configs of its cells, so its job keys are those of the
 same cells in the whole matrix: records of two items of one config merge.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -262,6 +265,82 @@ def plan(queue: GpuQueue, kind: str, items: list[str] | None, matrix_dir: str | 
     return out
 
 
+def summary_result(summary: str | Path, item_id: str, records_dir: str = "leaderboard/records") -> dict[str, Any]:
+    """An item's result from scripts/device-run's ``summary.json`` (in its packed ``.tar.gz``): the
+    records file under ``records_dir`` (named as device-run exported it), the run's date and device.
+    HarnessError when the summary does not say the item ran or exported records."""
+    path = Path(summary)
+    try:
+        doc = json.loads(path.read_text())
+        rows = [r for r in doc["items"] if r.get("id") == item_id]
+        device, started = doc["device"], doc["started"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise HarnessError(f"{path}: not a device-run summary.json ({type(err).__name__}: {err})") from None
+    if not rows:
+        raise HarnessError(f"{path}: item {item_id!r} is not in this run (its items: "
+                           f"{', '.join(str(r.get('id')) for r in doc['items']) or '(no items)'})")
+    row = rows[-1]
+    if row.get("result") != "ran":
+        raise HarnessError(f"{path}: item {item_id!r} did not run to the end ({row.get('result')}: {row.get('why')}); "
+                           f"mark it done by hand, with --records, --date and --device, if its records are complete")
+    if not row.get("records"):
+        raise HarnessError(f"{path}: item {item_id!r} exported no records; give --records")
+    return {"records": f"{records_dir}/{Path(row['records']).name}", "date": str(started)[:10], "device": device}
+
+
+def mark_done(text: str, item_id: str, result: Result) -> str:
+    """The queue file's ``text`` with ``item_id`` marked ``done`` and ``result`` added to its
+    ``results`` (``status`` and ``blocked_by`` replaced; every other line, comments included, kept).
+
+    The edit works on the file's lines (an item is its ``- id: ID`` line and the indented lines
+    under it), then the result is validated: HarnessError unless exactly that item changed, as asked.
+    """
+    before = _parse(text, "the queue")
+    old = before.get(item_id)
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(r"-\s+id:\s*['\"]?" + re.escape(item_id) + r"['\"]?\s*", line)]
+    if len(starts) != 1:
+        raise HarnessError(f"item {item_id!r}: no `- id: {item_id}` line of its own at the start of a line; edit the "
+                           f"queue by hand")
+    start = starts[0]
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end].startswith((" ", "\t"))):
+        end += 1
+    while end > start + 1 and not lines[end - 1].strip():  # the blank lines before the next item stay there
+        end -= 1
+    body, skip = [], False
+    for line in lines[start + 1:end]:
+        key = re.match(r"^  ([A-Za-z_]+):", line)
+        if key:
+            skip = key[1] in ("status", "blocked_by", "results")
+        elif not line.startswith("   ") and line.strip() and not line.startswith("  - "):
+            skip = False
+        if not skip:
+            body.append(line)
+    results = [r.model_dump(mode="json", exclude_none=True) for r in (*old.results, result)]
+    dumped = yaml.safe_dump(results, sort_keys=False, allow_unicode=True, width=1000).rstrip("\n").split("\n")
+    body += ["  status: done", "  results:", *(f"  {line}" for line in dumped)]
+    new_text = "\n".join(lines[:start + 1] + body + lines[end:])
+    after = _parse(new_text, "the edited queue")
+    want = old.model_copy(update={"status": "done", "blocked_by": None, "results": [*old.results, result]})
+    others = [i for i in before.items if i.id != item_id]
+    if after.get(item_id) != want or [i for i in after.items if i.id != item_id] != others:
+        raise HarnessError(f"item {item_id!r}: the edit would change more than its status and results (the item "
+                           f"spans lines {start + 1}-{end}); edit the queue by hand")
+    return new_text
+
+
+def _parse(text: str, what: str) -> GpuQueue:
+    from .registry import format_validation_error
+
+    try:
+        return GpuQueue.model_validate(yaml.safe_load(text))
+    except yaml.YAMLError as err:
+        raise HarnessError(f"{what} is not YAML ({err})") from None
+    except ValidationError as err:
+        raise HarnessError(format_validation_error(err, what)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m backdoor_harness.gpu_queue", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -273,8 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--items", nargs="*", help="these ids, in this order (default: all, in file order)")
     s.add_argument("--matrix-dir", required=True, help="where to write the items' sub-matrices")
     s.add_argument("--workdir-root", default="runs/device")
+    s = sub.add_parser("mark-done", help="mark an item done with its results (the other lines of the file kept)")
+    s.add_argument("item")
+    s.add_argument("--queue", default=DEFAULT_QUEUE)
+    s.add_argument("--summary", help="device-run's summary.json: the records file, date and device of its run")
+    s.add_argument("--records", help="the records file, from the repository root (default: from --summary, under "
+                                     "leaderboard/records/)")
+    s.add_argument("--readme", help="the title of the README section that holds its table")
+    s.add_argument("--date", help="YYYY-MM-DD (default: from --summary)")
+    s.add_argument("--device", help="e.g. 'NVIDIA H200' (default: from --summary)")
     args = p.parse_args(argv)
     try:
+        if args.command == "mark-done":
+            return _mark_done_command(args)
         queue = load_queue(args.queue)
         if args.command == "check":
             for line in check_queue(queue):
@@ -286,6 +376,29 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _mark_done_command(args: argparse.Namespace) -> int:
+    fields = summary_result(args.summary, args.item) if args.summary else {}
+    fields.update({k: v for k in ("records", "date", "device") if (v := getattr(args, k)) is not None})
+    missing = [k for k in ("records", "date", "device") if k not in fields]
+    if missing:
+        raise HarnessError(f"mark-done {args.item}: give --summary or --{', --'.join(missing)}")
+    try:
+        result = Result.model_validate({**fields, "readme": args.readme})
+    except ValidationError as err:
+        from .registry import format_validation_error
+
+        raise HarnessError(format_validation_error(err, f"mark-done {args.item}")) from None
+    path = Path(args.queue)
+    load_queue(path).get(args.item)  # the file's own errors named as `check` names them, then an unknown id
+    if not Path(result.records).is_file():
+        raise HarnessError(f"mark-done {args.item}: {result.records} does not exist; copy the run's records there "
+                           f"first (from the run's .tar.gz: records/{Path(result.records).name})")
+    path.write_text(mark_done(path.read_text(), args.item, result))
+    print(f"{path}: {args.item} done: {result.records}" + (f" (README: {result.readme})" if result.readme else "")
+          + f", {result.date}, {result.device}; now run `make readme-tables`")
     return 0
 
 
