@@ -52,12 +52,14 @@ def test_triangle_schedule_by_hand():
                                                                      2 / 8, 1 / 8])
 
 
-def test_fit_follows_the_triangle_schedule(monkeypatch):
-    made: list[torch.optim.SGD] = []
+def _tiny_fit(monkeypatch, recipe: Recipe, made: list | None = None, **kwargs) -> tuple[list, dict]:
+    """fit a linear model on 40 random images with torch.optim.SGD recorded (into ``made``, read while fit
+    runs); (optimizers made, fit's stats)."""
+    made = [] if made is None else made
     real_sgd = torch.optim.SGD
 
-    def sgd(*args, **kwargs):  # keep the optimizer fit makes, to read its learning rate
-        made.append(real_sgd(*args, **kwargs))
+    def sgd(*args, **kw):
+        made.append(real_sgd(*args, **kw))
         return made[-1]
 
     monkeypatch.setattr(torch.optim, "SGD", sgd)
@@ -65,11 +67,17 @@ def test_fit_follows_the_triangle_schedule(monkeypatch):
     data = ImageSet(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(40) % 4,
                     list("abcd"))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    stats = fit(model, data, recipe, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+                progress=False, **kwargs)
+    return made, stats
+
+
+def test_fit_follows_the_triangle_schedule(monkeypatch):
     recipe = resolve_recipe({"base": "cpu-quick", "epochs": 2, "batch_size": 8, "lr": 0.1, "schedule": "triangle",
                              "warmup": 0.2, "nesterov": True, "label_smoothing": 0.1})
     seen: list[float] = []
-    fit(model, data, recipe, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
-        progress=False, after_step=lambda m: seen.append(made[0].param_groups[0]["lr"]))
+    made: list[torch.optim.SGD] = []
+    _tiny_fit(monkeypatch, recipe, made, after_step=lambda m: seen.append(made[0].param_groups[0]["lr"]))
     assert made[0].defaults["nesterov"] is True
     # 10 steps, 2 of warm-up; after a step the optimizer holds the next step's rate
     assert seen == pytest.approx([0.1 * recipe.lr_factor(t + 1, 10) for t in range(10)])
@@ -106,25 +114,6 @@ def test_lr_scaled_with_the_batch_size_by_hand():
         Recipe(lr_scale="cubic")
     with pytest.raises(ValueError):
         Recipe(lr_scale="linear", lr_ref_batch=0)
-
-
-def _tiny_fit(monkeypatch, recipe: Recipe, **kwargs) -> tuple[list, dict]:
-    """fit a linear model on 40 random images with torch.optim.SGD recorded; (optimizers made, fit's stats)."""
-    made: list[torch.optim.SGD] = []
-    real_sgd = torch.optim.SGD
-
-    def sgd(*args, **kw):
-        made.append(real_sgd(*args, **kw))
-        return made[-1]
-
-    monkeypatch.setattr(torch.optim, "SGD", sgd)
-    g = torch.Generator().manual_seed(0)
-    data = ImageSet(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(40) % 4,
-                    list("abcd"))
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
-    stats = fit(model, data, recipe, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
-                progress=False, **kwargs)
-    return made, stats
 
 
 def test_fit_trains_at_the_scaled_lr(monkeypatch):
