@@ -240,11 +240,27 @@ def cmd_leaderboard(args) -> int:
     text = render(records, args.format, reported, long=args.long, sources=sources, verified=verified,
                   width=width, explain=args.explain)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        _write_out(Path(args.out), text + "\n")
         print(f"wrote {args.out}")
     else:
         print(text)
     return 0
+
+
+def _write_out(path: Path, text: str) -> None:
+    """``leaderboard --out``: all or nothing (:func:`~backdoor_harness.store.write_atomic`), a failure one message."""
+    import errno
+
+    from .store import write_atomic
+
+    try:
+        write_atomic(path, text)
+    except OSError as err:
+        fix = ("the disk is full: free some space, or give --out a path on another disk"
+               if err.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "give --out a path in an existing folder you can write to (or no --out: print the board)")
+        raise HarnessError(f"--out {path}: cannot write it ({err.strerror or err}); nothing was written: "
+                           f"{fix}") from None
 
 
 def cmd_verify(args) -> int:

@@ -69,12 +69,16 @@ def _import_plugin_module(name: str) -> object:
                                f"{name!r} from HARNESS_PLUGINS") from None
         raise HarnessError(f"{where}, but no such module is importable; put its folder on PYTHONPATH (or install "
                            f"it), fix the name, or remove it from HARNESS_PLUGINS") from None
-    except Exception as err:  # its own code failed (a syntax error, an exception at import time)
+    except (Exception, SystemExit) as err:  # its own code failed (a syntax error, an exception or sys.exit() at import)
         tb = err.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         line = err.lineno if isinstance(err, SyntaxError) else (tb.tb_lineno if tb else None)
         file = err.filename if isinstance(err, SyntaxError) else (tb.tb_frame.f_code.co_filename if tb else "?")
+        if isinstance(err, SystemExit):  # uncaught, `harness validate`/`run` would end silently (exit 0 on exit(0))
+            raise HarnessError(f"{where}, but importing it called sys.exit({err.code!r}) at {file}:{line}; a plugin "
+                               f"module must not exit at import: fix the module or remove it from HARNESS_PLUGINS"
+                               ) from None
         raise HarnessError(f"{where}, but importing it failed at {file}:{line}: {type(err).__name__}: {err}; fix "
                            f"the module or remove it from HARNESS_PLUGINS") from None
 

@@ -94,6 +94,9 @@ def schedule(jobs: list[Job], store: Store, executor: Executor, counts: dict[str
         if old is not None and old.status == "done" and old.artifact:
             log(f"{tags[job.key]} {job.label}: its artifact {old.artifact} is missing or does not match its "
                 f"recorded sha256 (truncated or corrupt): recomputing")
+        elif old is not None and old.status == "done":  # not final: a kind that makes one (store.MAKES_ARTIFACT)
+            log(f"{tags[job.key]} {job.label}: recorded done with no artifact (by a harness that did not check "
+                f"plugin outputs): recomputing")
         pending[job.key] = job
     running: dict[str, Job] = {}
     elsewhere: dict[str, str] = {}  # job key -> the other run that holds it (or finished it)

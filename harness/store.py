@@ -52,6 +52,9 @@ Status = Literal["running", "done", "failed", "skipped", "blocked"]
 FINAL = ("done", "skipped")
 #: what :meth:`Store.claim` answers for a job another run has finished meanwhile
 FINISHED = "finished"
+#: the kinds of job whose done record names an artifact (the model or attack state downstream jobs
+#: load): one recorded done without it (written before plugin outputs were checked) is not final
+MAKES_ARTIFACT = ("prepare", "train", "purify")
 
 
 class Cell(BaseModel):
@@ -209,11 +212,14 @@ class Records:
 
     def is_final(self, key: str) -> bool:
         """Done or skipped, with its artifact (if any) on disk and matching its recorded sha256:
-        a missing, truncated or corrupt artifact makes the job run again, never silently used."""
+        a missing, truncated or corrupt artifact makes the job run again, never silently used; so
+        does none at all for a done job that makes one (:data:`MAKES_ARTIFACT`)."""
         rec = self.get(key)
         if rec is None or rec.status not in FINAL:
             return False
-        return rec.artifact is None or self.artifact_intact(rec)
+        if rec.artifact is None:
+            return not (rec.status == "done" and rec.kind in MAKES_ARTIFACT)
+        return self.artifact_intact(rec)
 
     def artifact_intact(self, rec: JobRecord) -> bool:
         """Whether ``rec``'s artifact exists and hashes to its recorded sha256 (checked once per file version)."""

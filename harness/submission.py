@@ -35,25 +35,29 @@ Its results
     a path elsewhere), ``artifact_sha256`` null or 64 hex digits; an
     evaluation's ``predictions`` map ``role:split`` names to
     ``predictions/<id>.safetensors`` (never a path elsewhere), and other
-    jobs have none.
+    jobs have none; ``started``, ``finished`` and ``wall_s`` (the cost the
+    board shows) are finite and not negative, ``finished`` not before ``started``.
 Across records
     no key twice in the file; a key already published only with an identical
     record (then it is not added again); every upstream job (``deps``) is in
     the submission or already published, and done.
 
 Accepted records are appended to ``records/submissions.jsonl`` in one atomic
-replace, under a lock (two ``--add`` at once never lose one another's records).
+replace, under a lock (two ``--add`` at once never lose one another's records);
+a folder that cannot be written (read-only, full) is one message, nothing written.
 :mod:`backdoor_harness.verify` re-runs sampled cells (``harness verify``,
 ``--add --verify N``).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
+import os
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -63,7 +67,7 @@ from pydantic import ValidationError
 
 from .errors import HarnessError
 from .jobs import Job, job_key
-from .store import SCHEMA_VERSION, JobRecord, Metric, jsonl_line, write_atomic
+from .store import SCHEMA_VERSION, JobRecord, Metric, atomic_file, jsonl_line, write_atomic
 
 if TYPE_CHECKING:
     from .verify import Verification
@@ -353,6 +357,7 @@ def record_problems(r: JobRecord, jobs: dict[str, Job]) -> list[str]:
     if r.status != "done":
         problems.append(f"status {r.status}: submit finished jobs only (drop the line, or rerun the cell until "
                         f"it is done)")
+    problems += timing_problems(r)
     if r.artifact is not None and r.artifact != f"artifacts/{r.key}.safetensors":
         problems.append(f"artifact '{text_of(r.artifact)}': a record's artifact is null or "
                         f"artifacts/{r.key}.safetensors (the path `harness export` writes)")
@@ -370,6 +375,22 @@ def record_problems(r: JobRecord, jobs: dict[str, Job]) -> list[str]:
             problems.append("a finished evaluation with no metrics")
         for name, value in r.metrics.items():
             problems += metric_problems(name, value, job.metric_info.get(name), job.metric_info)
+    return problems
+
+
+def timing_problems(r: JobRecord) -> list[str]:
+    """Why a record's times are not a run's: ``started`` and ``finished`` (seconds since 1970) and
+    ``wall_s`` (the cost the board shows) finite and not negative, ``finished`` not before ``started``."""
+    problems = []
+    for field, what in (("started", "a time (seconds since 1970)"), ("finished", "a time (seconds since 1970)"),
+                        ("wall_s", "the job's wall-clock seconds")):
+        value = getattr(r, field)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            problems.append(f"{field} {value:g}: {what}, a finite number, 0 or more; export the run again, "
+                            f"unedited")
+    if r.started is not None and r.finished is not None and r.finished < r.started:
+        problems.append(f"finished {r.finished:.6g} is before started {r.started:.6g}; export the run again, "
+                        f"unedited")
     return problems
 
 
@@ -414,13 +435,40 @@ def published_records(folder: Path) -> dict[str, JobRecord]:
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     """Hold the published records folder's lock (one ``--add`` at a time)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as f:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a")
+    except OSError as err:
+        raise _cannot_add(folder, err) from None
+    with lock as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _cannot_add(folder: Path, err: OSError) -> HarnessError:
+    """The message of an ``--add`` that could not write the published records ``folder``."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return HarnessError(f"cannot add to the published records in {folder}: the disk is full "
+                            f"({err.strerror or err}); nothing was added, the records there are as they were: "
+                            f"free some space and run --add again")
+    return HarnessError(f"cannot write the published records folder {folder} ({err.strerror or err}); nothing was "
+                        f"added, the records there are as they were: make it a folder you can write to (it is "
+                        f"`records` in the --published file) and run --add again")
+
+
+def _write_together(files: list[tuple[Path, str]]) -> None:
+    """Write every ``(path, text)`` all or nothing (:func:`~backdoor_harness.store.atomic_file`), and
+    all of them before any: each temporary file is written and flushed to disk before the first one
+    is renamed into place, in the order given."""
+    with ExitStack() as stack:
+        temps = [stack.enter_context(atomic_file(path)) for path, _ in reversed(files)][::-1]  # first out first
+        for tmp, (_, text) in zip(temps, files):
+            tmp.write_text(text, encoding="ascii" if text.isascii() else "utf-8")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
 
 
 @dataclass
@@ -465,6 +513,9 @@ def add_submission(path: str | Path, published: str | Path = PUBLISHED, verify: 
     (:func:`backdoor_harness.verify.verify`); a mismatch refuses it, a match is recorded beside the
     records (:func:`record_verified`).
     Returns (added, already published, the file written)."""
+    if verify < 0:
+        raise HarnessError(f"--verify {verify}: how many of its evaluations to re-run before adding it, 1 or more "
+                           f"(0, or no --verify: none)")
     lines = load_submission(path)  # the size limits first, before anything else is read
     site = published_jobs(published)
     with _locked(site[1]):
@@ -478,18 +529,31 @@ def add_submission(path: str | Path, published: str | Path = PUBLISHED, verify: 
                 raise HarnessError(f"{path} refused: re-running {len(result.cells)} of its evaluations here gave "
                                    f"other numbers:\n  " + "\n  ".join(result.mismatches()))
         target = checked.folder / SUBMISSIONS
-        if checked.new:
-            before = target.read_bytes().decode("utf-8") if target.exists() else ""
-            if before and not before.endswith("\n"):
-                before += "\n"
-            write_atomic(target, before + "".join(record_line(r) for r in checked.new))
-        if result is not None:
-            record_verified(result, target)
+        files = []  # the records first: a verification is never recorded for records that were not added
+        try:
+            if checked.new:
+                before = target.read_bytes().decode("utf-8") if target.exists() else ""
+                if before and not before.endswith("\n"):
+                    before += "\n"
+                files.append((target, before + "".join(record_line(r) for r in checked.new)))
+            if result is not None:
+                files.append(verified_file(result, target))
+            _write_together(files)
+        except OSError as err:
+            raise _cannot_add(checked.folder, err) from None
     return len(checked.new), len(checked.records) - len(checked.new), target
 
 
 def record_verified(result: Verification, records_file: str | Path) -> Path:
     """Add the cells of ``result`` that held to the verification file beside ``records_file``."""
+    path, text = verified_file(result, records_file)
+    write_atomic(path, text)
+    return path
+
+
+def verified_file(result: Verification, records_file: str | Path) -> tuple[Path, str]:
+    """The verification file beside ``records_file`` with the cells of ``result`` that held added:
+    its path and its new text."""
     from . import __version__
     from .verify import load_verified, verified_path
 
@@ -501,6 +565,5 @@ def record_verified(result: Verification, records_file: str | Path) -> Path:
                           "tolerance": {m.name: m.tolerance for m in c.metrics},
                           "device": result.device, "date": result.date, "harness_version": __version__,
                           "seed": result.seed}
-    path = verified_path(records_file)
-    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n")
-    return path
+    return verified_path(records_file), json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True,
+                                                   allow_nan=False) + "\n"

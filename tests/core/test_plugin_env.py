@@ -51,3 +51,21 @@ def test_a_hookimpl_that_is_no_hook_gets_one_message(plugins, monkeypatch):
     monkeypatch.setenv("HARNESS_PLUGINS", "typo_plugin")
     with pytest.raises(HarnessError, match="harness_defences.*check its spelling"):
         registry.get_plugin_manager()
+
+
+@pytest.mark.parametrize("call, code", [("sys.exit(0)", "0"), ("sys.exit()", "None"), ("raise SystemExit(3)", "3")])
+def test_a_plugin_module_that_exits_at_import_is_an_error_not_a_silent_exit(plugins, monkeypatch, capsys, call, code):
+    """sys.exit(0) at import used to end `harness validate`/`harness run` with exit 0 and nothing done."""
+    (plugins / "exiting_plugin.py").write_text(f"import sys\n\n{call}\n")
+    monkeypatch.setenv("HARNESS_PLUGINS", "exiting_plugin")
+    with pytest.raises(HarnessError) as err:
+        registry.get_plugin_manager()
+    assert f"names module 'exiting_plugin', but importing it called sys.exit({code}) at " \
+           f"{plugins}/exiting_plugin.py:3" in str(err.value)
+    for argv in (["list", "attacks"], ["validate", "configs/quickstart.yaml"]):
+        registry.reset()
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert out.err.startswith("error: ") and out.err.count("\n") == 1, out.err  # validate prefixes file: key:
+        assert "HARNESS_PLUGINS='exiting_plugin' names module 'exiting_plugin', but importing it called sys.exit(" \
+            in out.err

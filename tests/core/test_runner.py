@@ -208,6 +208,36 @@ def test_a_corrupt_or_truncated_checkpoint_is_detected_and_recomputed(tmp_path):
     store.close()
 
 
+def test_a_done_model_job_recorded_without_an_artifact_is_recomputed(tmp_path):
+    """Old work directories: a train or purify job recorded done with no artifact (a defense that returned
+    None, before plugin outputs were checked) is not final: it runs again, and the evaluations it failed too."""
+    quick = spec(defenses=["none", {"name": "ft", "config": {"epochs": 1}}])
+    run_matrix(quick, tmp_path, progress=False, log=lambda *a: None)
+    store = Store(tmp_path)
+    before = {r.key: r for r in store.records()}
+    train = next(r for r in before.values() if r.kind == "train")
+    ft = next(r for r in before.values() if r.kind == "purify" and r.attrs.defense == "ft")
+    (tmp_path / ft.artifact).unlink()  # never written; the train job's checkpoint is still on disk
+    for rec in (train, ft):
+        store.put(rec.model_copy(update={"artifact": None, "artifact_sha256": None}))
+    failed = [r for r in before.values() if r.kind == "evaluate" and ft.key in r.deps]
+    for rec in failed:  # what the evaluations of a purified model that is not there came to
+        store.put(rec.model_copy(update={"status": "failed", "metrics": {}, "error": "TypeError: NoneType"}))
+    assert not store.is_final(train.key) and not store.is_final(ft.key)
+    store.close()
+    lines: list[str] = []
+    counts = run_matrix(quick, tmp_path, progress=False, log=lines.append)
+    assert counts["done"] == 2 + len(failed) and counts["failed"] == 0, counts
+    assert sum("recorded done with no artifact" in line and "recomputing" in line for line in lines) == 2, lines
+    store = Store(tmp_path)
+    after = {r.key: r for r in store.records()}
+    for rec in (train, ft):
+        assert after[rec.key].status == "done" and after[rec.key].artifact == rec.artifact
+        assert after[rec.key].artifact_sha256 == rec.artifact_sha256 and store.is_final(rec.key)
+    assert all(after[r.key].status == "done" and after[r.key].metrics == r.metrics for r in failed)
+    store.close()
+
+
 def test_status_counts_queued_jobs_and_estimates_the_time_left():
     from backdoor_harness.matrix import expand
     from backdoor_harness.status import summarize

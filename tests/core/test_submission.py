@@ -350,6 +350,78 @@ def test_every_refusal_is_listed_with_its_line(board, tmp_path):
         assert f"s.jsonl:{line}: " in text
 
 
+@pytest.mark.parametrize("field, value, why", [
+    ("wall_s", -1e9, "wall_s -1e+09: the job's wall-clock seconds, a finite number, 0 or more"),
+    ("started", -5.0, "started -5: a time (seconds since 1970), a finite number, 0 or more"),
+    ("finished", 1.0, "finished 1 is before started "),
+])
+def test_forged_times_are_refused(board, tmp_path, capsys, field, value, why):
+    """A negative cost on the board (wall_s -1e9), a time before 1970, a job that finished before it started."""
+    records = forge(board)
+    n = next(i for i, r in enumerate(records, 1) if r["kind"] == "purify" and r["attrs"]["defense"] == "ft")
+    records[n - 1][field] = value
+    path = write(tmp_path / "s.jsonl", records)
+    assert f"{path}:{n}: {why}" in refused(path, board)
+    assert cli.main(["leaderboard", "--add", str(path), "--published", str(board)]) == 2
+    assert f"{path}:{n}: {why}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_times_are_refused_even_when_they_get_past_json(value):
+    """Strict JSON parsing refuses NaN and Infinity already; the record check does not rely on it."""
+    from backdoor_harness.store import Cell
+
+    rec = JobRecord(key="k", kind="purify", label="purify x", status="done", attrs=Cell(dataset="d", seed=0),
+                    started=1.0, finished=2.0, wall_s=1.0)
+    assert submission.timing_problems(rec) == []
+    for field in ("started", "finished", "wall_s"):
+        problems = submission.timing_problems(rec.model_copy(update={field: value}))
+        assert problems and problems[0].startswith(f"{field} {value:g}: "), problems
+
+
+# ------------------------------------------------------------------ an unwritable or full records folder
+
+
+def test_add_to_a_records_folder_that_cannot_be_written_is_one_message(board, tmp_path, capsys):
+    """The records folder under a regular file: the OS refuses to create it, root or not (chmod does not
+    stop root)."""
+    (board.parent / "blocker").write_text("a file, not a folder\n")
+    board.write_text(board.read_text().replace("records: leaderboard/records", "records: leaderboard/blocker/records"))
+    path = write(tmp_path / "s.jsonl", forge(board))
+    assert cli.main(["leaderboard", "--add", str(path), "--published", str(board)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the published records folder {board.parent / 'blocker' / 'records'} (")
+    assert "nothing was added" in err and "run --add again" in err and err.count("\n") == 1, err
+    assert (board.parent / "blocker").read_text() == "a file, not a folder\n"
+
+
+@pytest.mark.parametrize("at", ["write", "replace"])
+def test_add_on_a_full_disk_is_one_message_and_writes_nothing(board, tmp_path, capsys, monkeypatch, at):
+    """A full disk (simulated as tests/core/test_store.py does): while the new file is flushed, or renamed into
+    place. The records already published stay as they were, no temporary file is left behind."""
+    import errno
+    import os
+
+    records = forge(board)
+    first = [r for r in records if r["kind"] != "evaluate"]
+    add_submission(write(tmp_path / "up.jsonl", first), board)
+    folder = target_of(board).parent
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync" if at == "write" else "replace", no_space)
+    path = write(tmp_path / "s.jsonl", records)
+    assert cli.main(["leaderboard", "--add", str(path), "--published", str(board)]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot add to the published records in {folder}: the disk is full (")
+    assert "nothing was added" in err and "free some space and run --add again" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file either
+    assert add_submission(path, board)[:2] == (len(records) - len(first), len(first))  # space again: it goes in
+
+
 # ------------------------------------------------------------------ line separators (issue 18, item 2)
 
 

@@ -110,6 +110,38 @@ def test_verify_needs_a_valid_submission_and_a_sample(site, board, tmp_path):
         verify(site / "run.jsonl", 1, device="gpu7", published=board)
 
 
+def test_add_verify_names_its_own_option_when_n_is_negative(site, board, capsys):
+    assert cli.main(["leaderboard", "--add", str(site / "run.jsonl"), "--verify", "-1", "--device", "cpu",
+                     "--published", str(board)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --verify -1: how many of its evaluations to re-run") and "--sample" not in err, err
+    assert not (board.parent / "records").exists()
+
+
+def test_add_verify_on_a_full_disk_adds_neither_the_records_nor_their_verification(site, board, monkeypatch,
+                                                                                   capsys):
+    """The records and the verification file beside them are both written and flushed before either is
+    renamed into place: a full disk while the second is flushed leaves neither."""
+    import errno
+    import os
+
+    fsync = os.fsync
+
+    def no_space_for_the_second(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))  # Linux, as the records folder's flock
+        if name.startswith(".submissions.verified.json.") and name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_space_for_the_second)
+    assert cli.main(["leaderboard", "--add", str(site / "run.jsonl"), "--verify", "1", "--seed", "0", "--device",
+                     "cpu", "--published", str(board)]) == 2
+    monkeypatch.undo()
+    assert "the disk is full" in capsys.readouterr().err
+    folder = board.parent / "records"
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no records, no verification, no temporary file
+
+
 def test_tolerances_are_the_golden_floor_scaled_for_metrics_that_are_not_rates_and_golden_spread_when_known():
     rate = Metric(higher_is_better=True)
     count = Metric(higher_is_better=True, percent=False)

@@ -304,6 +304,44 @@ def test_the_cli_renders_each_records_file_as_its_own_boards(tmp_path, capsys):
     assert "### d / m" in capsys.readouterr().out  # one file: no source in the title
 
 
+@pytest.mark.parametrize("fails", ["not-a-folder", "full-disk"])
+def test_leaderboard_out_is_written_all_or_nothing_and_a_failure_is_one_message(tmp_path, capsys, monkeypatch,
+                                                                               fails):
+    """An unwritable --out (here under a regular file: the OS refuses, root or not) or a full disk: one
+    message naming the path, exit 2, no partial or temporary file; the file --out names is as it was."""
+    import errno
+    import os
+
+    from backdoor_harness import cli
+
+    records = tmp_path / "run.jsonl"
+    records.write_text(ev("none", "a", 0, {"asr": 0.9}).model_dump_json() + "\n")
+    args = ["leaderboard", "--records", str(records), "--format", "markdown", "--out"]
+    if fails == "not-a-folder":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "board.md"
+    else:
+        out = tmp_path / "board.md"
+        assert cli.main([*args, str(out)]) == 0 and "### d / m" in out.read_text()
+        capsys.readouterr()
+        out.write_text("the board as it was\n")
+
+        def no_space(src, dst, *a, **k):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "replace", no_space)
+    assert cli.main([*args, str(out)]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}: cannot write it (") and "nothing was written" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert ("the disk is full" in err) == (fails == "full-disk")
+    if fails == "full-disk":
+        assert out.read_text() == "the board as it was\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.jsonl", out.name if fails == "full-disk"
+                                                                  else "a-file"])
+
+
 def test_a_cells_substitute_follows_the_config_it_ran_with():
     """Schema-1 records (the published ones) get the substitute of the config they ran with from the
     installed attack."""
