@@ -32,10 +32,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import HarnessError
-from .plugin import Plugin, PluginConfig
+from .plugin import NamedEntry, Plugin, PluginConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
@@ -291,7 +291,7 @@ class DatasetSource(Plugin):
         raise NotImplementedError
 
 
-class DataSpec(BaseModel):
+class DataSpec(NamedEntry):
     """One data set of a matrix.
 
     Attributes:
@@ -319,15 +319,6 @@ class DataSpec(BaseModel):
     reserve_ratio: float = Field(default=0.05, gt=0, lt=1)
     reserve_per_class: int | None = Field(default=None, gt=0)
     label: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
-
-    @property
-    def display(self) -> str:
-        return self.label or self.name
 
     def payloads(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(what the training data depends on, what the reserve depends on), JSON-able."""

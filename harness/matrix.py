@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .data import DataSpec
 from .errors import HarnessError
 from .jobs import CORE_VERSION, EvaluateJob, Job, PluginCall, PrepareJob, PurifyJob, TrainJob, metric_infos, plugin_info
 from .models import ModelSpec, check_model_kwargs, check_model_name
+from .plugin import NamedEntry
 from .registry import format_validation_error, get_class, instance
 from .store import Cell
 from .train import Recipe, resolve_recipe
@@ -31,7 +32,7 @@ from .train import Recipe, resolve_recipe
 __all__ = ["CORE_VERSION", "Job", "MatrixSpec", "PluginRef", "expand", "load_matrix", "validate_plugins"]
 
 
-class PluginRef(BaseModel):
+class PluginRef(NamedEntry):
     """A plugin in a matrix: ``name`` or ``{name, config, label, per_attack}``.
 
     ``label`` names the entry in results and leaderboards (default: ``name``),
@@ -51,15 +52,6 @@ class PluginRef(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     per_attack: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
-
-    @property
-    def display(self) -> str:
-        return self.label or self.name
 
     def config_for(self, attack: str | None = None) -> dict[str, Any]:
         """The config of the cells of ``attack`` (an attack label): ``config`` with that

@@ -21,10 +21,11 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from timm.models import register_model
 
 from .errors import HarnessError
+from .plugin import NamedEntry
 from .store import atomic_file
 
 # --------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def adapt_small_input(net: nn.Module, family: str) -> bool:
     return False
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(NamedEntry):
     """One model of a matrix.
 
     Attributes:
@@ -276,15 +277,6 @@ class ModelSpec(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     adapt_stem: bool = True
     label: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
-
-    @property
-    def display(self) -> str:
-        return self.label or self.name
 
     @property
     def versions(self) -> dict[str, str]:

@@ -1,16 +1,36 @@
-"""The one base of every plugin class (attacks, defenses, evaluators, data sets) and of its config."""
+"""The one base of every plugin class (attacks, defenses, evaluators, data sets) and of its config,
+and of the matrix entries that name one (:class:`NamedEntry`)."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class PluginConfig(BaseModel):
     """Base of every plugin's ``Config``: unknown keys are errors, values frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NamedEntry(BaseModel):
+    """Base of a matrix entry (a data set, a model, a plugin reference) that a matrix file may write
+    as its name alone (``- cifar10``) or as a mapping with ``name`` and an optional ``label``, the
+    entry's name in results. Subclasses declare both fields."""
+
+    name: str
+    label: str | None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def display(self) -> str:
+        """The entry's name in results: its ``label``, else its ``name``."""
+        return self.label or self.name
 
 
 class Plugin:
