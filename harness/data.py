@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import HarnessError
 from .plugin import NamedEntry, Plugin, PluginConfig
+from .store import atomic_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
@@ -415,19 +416,19 @@ def _load_source(source: DatasetSource) -> tuple[ImageSet, ImageSet]:
             path.unlink(missing_ok=True)
     train, test = source.load()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     classes = torch.frombuffer(bytearray(json.dumps(train.classes).encode()), dtype=torch.uint8)
-    save_file({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
-               "test_labels": test.labels, "classes_json": classes}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
+                   "test_labels": test.labels, "classes_json": classes}, str(tmp))
     return train, test
 
 
 def load_dataset(spec: DataSpec) -> tuple[ImageSet, ImageSet]:
-    """The train and test sets of a matrix data-set entry (subsets applied)."""
-    from .registry import create_dataset
+    """The train and test sets of a matrix data-set entry (subsets applied); its source is the one
+    instance of this process for its name and options (:func:`~backdoor_harness.registry.instance`)."""
+    from .registry import instance
 
-    train, test = load_source(create_dataset(spec.name, **spec.options))
+    train, test = load_source(instance("dataset", spec.name, spec.options))
     g = torch.Generator().manual_seed(0)  # subsets are part of the data set, not of a seed
     if spec.train_per_class is not None:
         train = train.subset(per_class_subset(train.labels, spec.train_per_class, g))

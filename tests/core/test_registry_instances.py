@@ -1,6 +1,7 @@
 """Plugins are created once per process per config (``registry.instance``): validating a matrix,
-expanding it and running its jobs share one instance of each defense and evaluator (and one of each
-attack, read for its declarations), however many jobs use it and however often the matrix is run.
+expanding it and running its jobs share one instance of each data set source, defense and evaluator
+(and one of each attack, read for its declarations), however many jobs use it and however often the
+matrix is run.
 The exception, on purpose: the job handlers give every train job (and the jobs downstream of it)
 attacks of their own, since an attack holds the state it generated or learned."""
 
@@ -24,8 +25,7 @@ def test_each_plugin_is_created_once_per_config_and_attacks_once_per_job(tmp_pat
 
     def counting_init(self, config=None, **kwargs):
         init(self, config, **kwargs)
-        if self.kind != "dataset":  # a data set's source is read by the data loader, not a job's plugin
-            built[(self.kind, self.name, json.dumps(self.config.model_dump(mode="json"), sort_keys=True))] += 1
+        built[(self.kind, self.name, json.dumps(self.config.model_dump(mode="json"), sort_keys=True))] += 1
 
     def counting_create(kind, name, **config):
         fresh[(kind, name)] += 1
@@ -40,9 +40,9 @@ def test_each_plugin_is_created_once_per_config_and_attacks_once_per_job(tmp_pat
     assert counts["failed"] == counts["blocked"] == 0 and counts["done"] == 7, counts  # 1 train, 2 purify, 4 evaluate
 
     shared = {k: n for k, n in built.items() if k[0] != "attack"}
-    assert {k[:2] for k in shared} == {("defense", "none"), ("defense", "ft"), ("evaluator", "clean_acc"),
-                                       ("evaluator", "asr")}
-    assert all(n == 1 for n in shared.values()), shared  # two purify and four evaluate jobs: one each
+    assert {k[:2] for k in shared} == {("dataset", "cifar10"), ("defense", "none"), ("defense", "ft"),
+                                       ("evaluator", "clean_acc"), ("evaluator", "asr")}
+    assert all(n == 1 for n in shared.values()), shared  # validation and the data loader, two purify and four evaluate jobs: one each
     # the attack: one shared instance read for its declarations (validation, expand), and the handlers' own
     # (the train job's, untrained, and one holding its trained state for the purify and evaluate jobs)
     assert fresh == {("attack", "badnets"): 2}
