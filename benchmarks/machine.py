@@ -51,18 +51,8 @@ def sync(dev: torch.device) -> None:
 def use_compile(mode: str | bool | None) -> str | None:
     """Train the harness runs of this process, and of the workers it starts, through
     ``torch.compile`` in ``mode`` (``None``/``False``: not at all), as ``harness run --compile MODE``
-    does: validated by :func:`backdoor_harness.train.compile_mode`, passed on in ``HARNESS_COMPILE``.
-    Returns the mode. Stops when the harness's job runner would not read that mode (a silently
-    uncompiled row would be timed as a compiled one)."""
-    import os
+    does (:func:`backdoor_harness.train.export_compile_mode`; the job runner reads it back, tested in
+    tests/core/test_recipe.py). Returns the mode."""
+    from backdoor_harness.train import export_compile_mode
 
-    from backdoor_harness.handlers import JobRunner
-    from backdoor_harness.train import compile_mode
-
-    mode = compile_mode(mode)
-    os.environ["HARNESS_COMPILE"] = {None: "0", "default": "1"}.get(mode, mode)
-    got = compile_mode(JobRunner(None, {}, torch.device("cpu"), progress=False).compile)
-    if got != mode:
-        raise SystemExit(f"HARNESS_COMPILE={os.environ['HARNESS_COMPILE']}: the harness's job runner would train "
-                         f"with compile mode {got} instead of {mode} (harness/handlers.py reads the variable)")
-    return mode
+    return export_compile_mode(mode)

@@ -60,7 +60,7 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from .matrix import load_matrix
     from .scheduler import run_matrix
-    from .train import compile_mode
+    from .train import compile_mode, export_compile_mode
 
     spec = load_matrix(args.spec)
     if args.workers < 1 or args.retries < 0:
@@ -68,9 +68,7 @@ def cmd_run(args) -> int:
                            f"retries at least 0")
     devices = args.devices.split(",") if args.devices else None
     if args.compile is not None:
-        mode = compile_mode(args.compile)  # a bad mode stops here, before any job
-        # workers and Ray actors inherit it; the default mode as "1", the value HARNESS_COMPILE always had
-        os.environ["HARNESS_COMPILE"] = {None: "0", "default": "1"}.get(mode, mode)
+        export_compile_mode(args.compile)  # a bad mode stops here, before any job
     else:
         compile_mode(os.environ.get("HARNESS_COMPILE"))  # a bad HARNESS_COMPILE: the same message, at once
     workdir = _workdir(args, spec)
@@ -249,15 +247,13 @@ def cmd_leaderboard(args) -> int:
 
 def _write_out(path: Path, text: str) -> None:
     """``leaderboard --out``: all or nothing (:func:`~backdoor_harness.store.write_atomic`), a failure one message."""
-    import errno
-
-    from .store import write_atomic
+    from .store import no_space, write_atomic
 
     try:
         write_atomic(path, text)
     except OSError as err:
         fix = ("the disk is full: free some space, or give --out a path on another disk"
-               if err.errno in (errno.ENOSPC, errno.EDQUOT)
+               if no_space(err)
                else "give --out a path in an existing folder you can write to (or no --out: print the board)")
         raise HarnessError(f"--out {path}: cannot write it ({err.strerror or err}); nothing was written: "
                            f"{fix}") from None

@@ -12,6 +12,7 @@ CPU runs are deterministic for a seed.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any, Callable, Iterator, Literal, Mapping
@@ -209,6 +210,16 @@ def compile_mode(value: str | bool | None) -> str | None:
         return value
     raise HarnessError(f"unknown torch.compile mode {value!r} (harness run --compile MODE, HARNESS_COMPILE=MODE); "
                        f"modes: {', '.join(COMPILE_MODES)}; 1 means default, 0 or nothing means off")
+
+
+def export_compile_mode(value: str | bool | None) -> str | None:
+    """Train every job of this process, and of the workers and Ray actors it starts (they inherit
+    the environment), in the ``torch.compile`` mode ``value`` names (:func:`compile_mode`; ``None``:
+    not compiled): sets ``HARNESS_COMPILE``, the default mode as ``1``, the value it always had.
+    Returns the mode; HarnessError for a bad one, before anything is set."""
+    mode = compile_mode(value)
+    os.environ["HARNESS_COMPILE"] = {None: "0", "default": "1"}.get(mode, mode)
+    return mode
 
 
 def default_device() -> torch.device:
