@@ -47,7 +47,6 @@ stay the numbers of its files.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -62,7 +61,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 from .errors import HarnessError
-from .store import JobRecord, Store, atomic_file, disk_full_error
+from .store import JobRecord, Store, atomic_file, disk_full_error, no_space
 from .train import predict
 
 #: the folder of a work directory that holds the predictions
@@ -268,7 +267,7 @@ def _json(value: Any) -> str:
 
 
 def _os_error(err: OSError, folder: Path) -> Exception:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if no_space(err):
         return disk_full_error(folder, str(err))
     return HarnessError(f"cannot write predictions in {folder} ({err}); the work directory must be writable")
 

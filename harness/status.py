@@ -10,7 +10,6 @@ finished job has are counted, not estimated.
 
 from __future__ import annotations
 
-import errno
 import json
 import sys
 import time
@@ -23,7 +22,7 @@ from pydantic import ValidationError
 
 from .errors import HarnessError
 from .matrix import Job, MatrixSpec, expand
-from .store import FINAL, JobRecord, disk_full_error
+from .store import FINAL, JobRecord, disk_full_error, no_space, write_atomic
 
 MATRIX_FILE = "matrix.json"
 
@@ -31,16 +30,10 @@ MATRIX_FILE = "matrix.json"
 def save_matrix(spec: MatrixSpec, workdir: Path) -> None:
     """Leave the matrix in ``workdir`` (atomically); a full disk or a read-only directory is a
     :class:`HarnessError`."""
-    tmp = workdir / (MATRIX_FILE + ".tmp")
     try:
-        tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
-        tmp.replace(workdir / MATRIX_FILE)
+        write_atomic(workdir / MATRIX_FILE, json.dumps(spec.model_dump(mode="json"), indent=1))
     except OSError as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if no_space(err):
             raise disk_full_error(workdir, str(err)) from None
         raise HarnessError(f"cannot write {workdir / MATRIX_FILE} ({err}); make the work directory writable "
                            f"or pick another with --workdir") from None

@@ -244,6 +244,11 @@ class Records:
 _FULL_TEXTS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "database or disk is full", "os error 28")
 
 
+def no_space(err: OSError) -> bool:
+    """Whether ``err`` says the disk, or the user's quota on it, is full (``ENOSPC``, ``EDQUOT``)."""
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def disk_full(text: str | None) -> bool:
     """Whether an error message (or a failed job's traceback) says the disk is full."""
     return bool(text) and any(t.lower() in text.lower() for t in _FULL_TEXTS)
@@ -400,7 +405,7 @@ class Store(Records):
         """One clear message for a failing database (or work directory): what, where, what to do."""
         text, name = str(err), (_errname(err) if isinstance(err, sqlite3.Error) else "")
         if isinstance(err, OSError):
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            if no_space(err):
                 return disk_full_error(self.workdir, text)
             return HarnessError(f"cannot use the work directory {self.workdir} ({text}) while {doing}; check that "
                                 f"it is a directory you can write to, or pick another with --workdir")
@@ -558,7 +563,7 @@ class Store(Records):
         try:
             write_atomic(path, "".join(lines))
         except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            if no_space(err):
                 raise disk_full_error(path.parent, str(err)) from None
             raise HarnessError(f"cannot write {path} ({err}); pick a writable path") from None
         return len(lines)
@@ -603,7 +608,7 @@ class RunLease:
                 self.fd = None
                 tmp.unlink(missing_ok=True)
             workdir = self.folder.parent
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            if no_space(err):
                 raise disk_full_error(workdir, str(err)) from None
             raise HarnessError(f"cannot write to the work directory {workdir} ({err}): `harness run` needs one "
                                f"it can write to; make it writable or pick another with --workdir (reading it "

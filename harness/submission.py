@@ -51,7 +51,6 @@ a folder that cannot be written (read-only, full) is one message, nothing writte
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import math
@@ -67,7 +66,7 @@ from pydantic import ValidationError
 
 from .errors import HarnessError
 from .jobs import Job, job_key
-from .store import SCHEMA_VERSION, JobRecord, Metric, atomic_file, jsonl_line, write_atomic
+from .store import SCHEMA_VERSION, JobRecord, Metric, atomic_file, jsonl_line, no_space, write_atomic
 
 if TYPE_CHECKING:
     from .verify import Verification
@@ -450,7 +449,7 @@ def _locked(folder: Path) -> Iterator[None]:
 
 def _cannot_add(folder: Path, err: OSError) -> HarnessError:
     """The message of an ``--add`` that could not write the published records ``folder``."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if no_space(err):
         return HarnessError(f"cannot add to the published records in {folder}: the disk is full "
                             f"({err.strerror or err}); nothing was added, the records there are as they were: "
                             f"free some space and run --add again")
