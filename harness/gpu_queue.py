@@ -147,15 +147,21 @@ class GpuQueue(_Frozen):
 def load_queue(path: str | Path) -> GpuQueue:
     """Read and validate a queue file (HarnessError naming the file and the key otherwise)."""
     from .matrix import read_yaml_mapping
-    from .registry import format_validation_error
 
     path = Path(path)
     raw = read_yaml_mapping(path, f"no such queue file (the GPU queue is {DEFAULT_QUEUE})",
                             "a queue file is a mapping with one key, `items` (a list)")
+    return _validated(raw, str(path))
+
+
+def _validated(raw: Any, where: str) -> GpuQueue:
+    """``raw`` (a queue file's YAML) as a queue, or one HarnessError naming ``where`` and the key."""
+    from .registry import format_validation_error
+
     try:
         return GpuQueue.model_validate(raw)
     except ValidationError as err:
-        raise HarnessError(format_validation_error(err, str(path))) from None
+        raise HarnessError(format_validation_error(err, where)) from None
 
 
 def _label(entry: Any) -> str:
@@ -331,14 +337,11 @@ def mark_done(text: str, item_id: str, result: Result) -> str:
 
 
 def _parse(text: str, what: str) -> GpuQueue:
-    from .registry import format_validation_error
-
     try:
-        return GpuQueue.model_validate(yaml.safe_load(text))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise HarnessError(f"{what} is not YAML ({err})") from None
-    except ValidationError as err:
-        raise HarnessError(format_validation_error(err, what)) from None
+    return _validated(raw, what)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,7 +399,9 @@ def _mark_done_command(args: argparse.Namespace) -> int:
     if not Path(result.records).is_file():
         raise HarnessError(f"mark-done {args.item}: {result.records} does not exist; copy the run's records there "
                            f"first (from the run's .tar.gz: records/{Path(result.records).name})")
-    path.write_text(mark_done(path.read_text(), args.item, result))
+    from .store import write_atomic
+
+    write_atomic(path, mark_done(path.read_text(), args.item, result))
     print(f"{path}: {args.item} done: {result.records}" + (f" (README: {result.readme})" if result.readme else "")
           + f", {result.date}, {result.device}; now run `make readme-tables`")
     return 0
